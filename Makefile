@@ -1,0 +1,47 @@
+# herald's two commands: `make demo` and `make test`. Both set everything up
+# themselves (a virtualenv in .venv, herald installed in it, the schema migrated).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DB := herald-demo.db
+
+.PHONY: demo test lint typecheck unit postgres bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "herald needs Python 3.11 or newer (found: $$($(PYTHON) --version 2>&1)); set PYTHON=python3.11" >&2; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
+	@HERALD_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/herald db upgrade
+	@HERALD_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/herald demo
+	@echo
+	@echo "The first 15 entries of the log (herald log --limit 15):"
+	@HERALD_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/herald log --limit 15
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# Makes sure a PostgreSQL server answers at HERALD_TEST_DATABASE_URL: starts the
+# machine's installed cluster if needed, or says in one line what to install.
+postgres: $(STAMP)
+	@$(BIN)/python scripts/ensure_postgres.py
+
+test: lint typecheck postgres
+	$(BIN)/pytest -p no:cacheprovider
+
+bench: $(STAMP) postgres
+	$(BIN)/python -m bench.append_throughput
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(DEMO_DB)*

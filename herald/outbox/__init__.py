@@ -1,0 +1,34 @@
+"""The write side and the log.
+
+* :mod:`~herald.outbox.append` — append events inside the caller's transaction;
+* :mod:`~herald.outbox.sequencer` — turn committed events into the dense log
+  order (PostgreSQL; on SQLite the writer does it in its own transaction);
+* :mod:`~herald.outbox.reader` — read the log from any seq, filtered by topic;
+* :mod:`~herald.outbox.wakeup` — wait for the sequencer's NOTIFY, with a poll
+  as the fallback;
+* :mod:`~herald.outbox.catalogue` — copy the event catalogue into the database.
+
+Imports :mod:`herald.domain` and :mod:`herald.schema` only.
+"""
+
+from herald.outbox.append import NewEvent, append, append_many
+from herald.outbox.catalogue import sync_catalogue
+from herald.outbox.reader import LogEntry, LogReader, Page, TopicFilter, head, read_page
+from herald.outbox.sequencer import Sequencer, run_sequencer
+from herald.outbox.wakeup import Waker
+
+__all__ = [
+    "LogEntry",
+    "LogReader",
+    "NewEvent",
+    "Page",
+    "Sequencer",
+    "TopicFilter",
+    "Waker",
+    "append",
+    "append_many",
+    "head",
+    "read_page",
+    "run_sequencer",
+    "sync_catalogue",
+]

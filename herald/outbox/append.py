@@ -1,0 +1,220 @@
+"""Appending events: inside the caller's transaction, atomic with its writes.
+
+>>> with engine.begin() as conn:
+...     conn.execute(update(builds).where(...).values(status=0))
+...     herald.append(conn, "build_finished", {"build_id": 42, "dependent_ids": []})
+
+The events are validated first (topic, payload, size: see
+:mod:`herald.domain.catalogue`); on any error nothing is written. A rollback
+of the caller's transaction leaves no trace of them. Many events go in a
+multi-row ``INSERT`` (SQLAlchemy's insertmanyvalues: one statement per 1,000
+rows), never one round-trip per event.
+
+Dedupe keys: appending an event whose ``dedupe_key`` is already in the log is
+a no-op that returns the existing event's position. ``once_per_eval`` topics
+get the key ``topic:eval_id:build_id`` unless one is given.
+
+Aggregate versions: ``(aggregate_id, aggregate_version)`` is unique; a second
+writer appending the same version raises :class:`~herald.errors.VersionConflict`
+(the caller's transaction must then be rolled back).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+import sqlalchemy.exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from herald.domain import CATALOGUE, validate_event
+from herald.errors import InvalidPayload, VersionConflict
+from herald.schema import events, log_order
+from herald.schema.dberrors import translate
+
+__all__ = ["NewEvent", "append", "append_many"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append."""
+
+    topic: str
+    payload: dict[str, Any]
+    dedupe_key: str | None = None
+    trace_id: str | None = None
+    #: only for custom topics; catalogue topics have their rule fixed
+    delivery: str | None = None
+    occurred_at: datetime | None = None
+    aggregate_id: str | None = None
+    aggregate_version: int | None = None
+
+
+def append(
+    conn: sa.Connection | Session,
+    topic: str,
+    payload: dict[str, Any],
+    *,
+    dedupe_key: str | None = None,
+    trace_id: str | None = None,
+    delivery: str | None = None,
+    occurred_at: datetime | None = None,
+    aggregate_id: str | None = None,
+    aggregate_version: int | None = None,
+) -> int:
+    """Append one event in ``conn``'s transaction; returns its position."""
+    event = NewEvent(
+        topic, payload, dedupe_key, trace_id, delivery, occurred_at, aggregate_id, aggregate_version
+    )
+    return append_many(conn, [event])[0]
+
+
+def append_many(conn: sa.Connection | Session, new_events: Iterable[NewEvent]) -> list[int]:
+    """Append events in ``conn``'s transaction, in order; returns their positions.
+
+    A duplicate dedupe key (in the log already, or earlier in the same call)
+    returns the position of the event that has it.
+    """
+    connection = conn.connection() if isinstance(conn, Session) else conn
+    rows = [_row(event) for event in new_events]
+    if not rows:
+        return []
+    dialect = connection.dialect.name
+    if dialect == "sqlite":
+        now = datetime.now(UTC)
+        for row in rows:
+            row["recorded_at"] = now
+    positions: list[int] = []
+    first_new: int | None = None
+    try:
+        for deduped, run in _runs(rows):
+            if deduped:
+                found, new = _insert_deduped(connection, run)
+            else:
+                found = _insert_plain(connection, run)
+                new = found
+            positions.extend(found)
+            if new and first_new is None:
+                first_new = min(new)
+        if dialect == "sqlite" and first_new is not None:
+            _order_on_sqlite(connection, first_new)
+    except sa_exc.IntegrityError as exc:
+        raise _conflict(exc, rows) from exc
+    except sa_exc.SQLAlchemyError as exc:
+        raise translate(exc) from exc
+    return positions
+
+
+_LENGTHS = {
+    name: getattr(events.c[name].type, "length", 0)
+    for name in ("dedupe_key", "trace_id", "aggregate_id")
+}
+
+
+def _row(event: NewEvent) -> dict[str, Any]:
+    topic, delivery, _text = validate_event(event.topic, event.payload, event.delivery)
+    dedupe_key = event.dedupe_key
+    if dedupe_key is None and delivery == "once_per_eval" and topic in CATALOGUE:
+        dedupe_key = f"{topic}:{event.payload['eval_id']}:{event.payload['build_id']}"
+    for name, value in (
+        ("dedupe_key", dedupe_key),
+        ("trace_id", event.trace_id),
+        ("aggregate_id", event.aggregate_id),
+    ):
+        limit = _LENGTHS[name]
+        if value is not None and (not isinstance(value, str) or not value or len(value) > limit):
+            raise InvalidPayload(topic, f"{name} must be a non-empty string of at most {limit}")
+    if (event.aggregate_id is None) != (event.aggregate_version is None):
+        raise InvalidPayload(topic, "aggregate_id and aggregate_version go together")
+    occurred_at = event.occurred_at or datetime.now(UTC)
+    if occurred_at.tzinfo is None:
+        raise InvalidPayload(topic, "occurred_at must be timezone-aware")
+    return {
+        "topic": topic,
+        "payload": event.payload,
+        "delivery": delivery,
+        "dedupe_key": dedupe_key,
+        "aggregate_id": event.aggregate_id,
+        "aggregate_version": event.aggregate_version,
+        "trace_id": event.trace_id,
+        "occurred_at": occurred_at,
+    }
+
+
+def _runs(rows: list[dict[str, Any]]) -> Iterable[tuple[bool, list[dict[str, Any]]]]:
+    """Consecutive rows with and without dedupe keys, so the log keeps the caller's order."""
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or (rows[i]["dedupe_key"] is None) != (rows[start]["dedupe_key"] is None):
+            yield rows[start]["dedupe_key"] is not None, rows[start:i]
+            start = i
+
+
+def _insert_plain(conn: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
+    if len(rows) == 1:
+        stmt = sa.insert(events).returning(events.c.position)
+        return [conn.execute(stmt, rows[0]).scalar_one()]
+    stmt = sa.insert(events).returning(events.c.position, sort_by_parameter_order=True)
+    return list(conn.execute(stmt, rows).scalars())
+
+
+def _insert_deduped(conn: sa.Connection, rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """Insert rows whose dedupe key is new; returns (positions in order, newly inserted)."""
+    unique: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        unique.setdefault(row["dedupe_key"], row)
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    stmt = (
+        dialect_insert(events)
+        .on_conflict_do_nothing(
+            index_elements=[events.c.dedupe_key], index_where=events.c.dedupe_key.is_not(None)
+        )
+        .returning(events.c.dedupe_key, events.c.position)
+    )
+    batch = list(unique.values())
+    result = conn.execute(stmt, batch[0]) if len(batch) == 1 else conn.execute(stmt, batch)
+    by_key: dict[str, int] = dict(result.tuples().all())
+    new = list(by_key.values())
+    missing = [key for key in unique if key not in by_key]
+    for chunk in (missing[i : i + 1000] for i in range(0, len(missing), 1000)):
+        existing = sa.select(events.c.dedupe_key, events.c.position).where(
+            events.c.dedupe_key.in_(chunk)
+        )
+        by_key.update(conn.execute(existing).tuples().all())
+    return [by_key[row["dedupe_key"]] for row in rows], new
+
+
+def _order_on_sqlite(conn: sa.Connection, first_new: int) -> None:
+    # SQLite has one writer at a time (herald's engine begins every
+    # transaction with BEGIN IMMEDIATE), so commit order is position order and
+    # no sequencer is needed: the writer gives its own events the next seqs,
+    # in the same transaction. Every row from first_new on is this call's.
+    conn.execute(
+        sa.insert(log_order).from_select(
+            ["seq", "position"],
+            sa.select(
+                sa.select(sa.func.coalesce(sa.func.max(log_order.c.seq), 0)).scalar_subquery()
+                + sa.func.row_number().over(order_by=events.c.position),
+                events.c.position,
+            ).where(events.c.position >= first_new),
+        )
+    )
+
+
+_KEY_DETAIL = re.compile(r"\(aggregate_id, aggregate_version\)=\((.*), (\d+)\)")
+
+
+def _conflict(exc: sa_exc.IntegrityError, rows: Sequence[dict[str, Any]]) -> Exception:
+    text = str(exc.orig)
+    if "aggregate_version" not in text and "aggregate_id" not in text:
+        return translate(exc)
+    match = _KEY_DETAIL.search(text)
+    if match:
+        return VersionConflict(match.group(1), int(match.group(2)))
+    first = next(r for r in rows if r["aggregate_id"] is not None)
+    return VersionConflict(first["aggregate_id"], first["aggregate_version"])

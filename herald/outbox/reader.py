@@ -1,0 +1,234 @@
+"""Reading the log: from any seq, in bounded pages, filtered by topic.
+
+Offsets follow one convention everywhere: a consumer's offset, and the
+``after`` argument here, is the **last seq already handled**; reading
+"after 0" starts at the first event. (The CLI's ``herald log --from N`` is
+inclusive: it prints seq N onwards, i.e. reads after N-1.)
+
+A topic filter holds exact topics and ``*`` patterns (``build_*``,
+``acme.*``). With a filter, one page scans at most ``scan_limit`` seqs, so a
+rare topic in a huge log costs a bounded read per page; the page's
+``next_after`` says where to go on even when it holds no entry.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from herald.domain import topic_filter_pattern_ok, validate_topic
+from herald.errors import InvalidTopic, UsageError
+from herald.outbox.sequencer import Sequencer
+from herald.outbox.wakeup import Waker
+from herald.schema import events, log_order
+from herald.schema.dberrors import translated
+
+__all__ = ["LogEntry", "LogReader", "Page", "TopicFilter", "head", "read_page"]
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One event at its place in the log."""
+
+    seq: int
+    position: int
+    topic: str
+    payload: dict[str, Any]
+    delivery: str
+    dedupe_key: str | None
+    aggregate_id: str | None
+    aggregate_version: int | None
+    trace_id: str | None
+    occurred_at: datetime
+    recorded_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as a JSON-ready dict (times in ISO 8601, UTC)."""
+        return {
+            "seq": self.seq,
+            "position": self.position,
+            "topic": self.topic,
+            "payload": self.payload,
+            "delivery": self.delivery,
+            "dedupe_key": self.dedupe_key,
+            "aggregate_id": self.aggregate_id,
+            "aggregate_version": self.aggregate_version,
+            "trace_id": self.trace_id,
+            "occurred_at": self.occurred_at.isoformat(),
+            "recorded_at": self.recorded_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of the log: its entries, and the seq to read after next time."""
+
+    entries: list[LogEntry]
+    next_after: int
+    #: whether the page reached the newest seq (nothing more to read right now)
+    at_head: bool
+
+
+class TopicFilter:
+    """Exact topics and ``*`` patterns; empty means every topic."""
+
+    def __init__(self, topics: Iterable[str] = ()) -> None:
+        self.exact: list[str] = []
+        self.patterns: list[str] = []
+        for topic in topics:
+            if "*" in topic:
+                if not topic_filter_pattern_ok(topic):
+                    raise InvalidTopic(topic, "a pattern is a topic with * wildcards (build_*)")
+                self.patterns.append(topic)
+            else:
+                self.exact.append(validate_topic(topic))
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.patterns)
+
+    def clause(self) -> sa.ColumnElement[bool]:
+        """The SQL condition on ``herald_events.topic``."""
+        terms: list[sa.ColumnElement[bool]] = []
+        if self.exact:
+            terms.append(events.c.topic.in_(self.exact))
+        for pattern in self.patterns:
+            like = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            terms.append(events.c.topic.like(like.replace("*", "%"), escape="\\"))
+        return sa.or_(*terms)
+
+
+def head(conn: sa.Connection) -> int:
+    """The newest seq in the log (0 for an empty log)."""
+    with translated():
+        return int(
+            conn.execute(sa.select(sa.func.coalesce(sa.func.max(log_order.c.seq), 0))).scalar_one()
+        )
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite gives back naive datetimes; herald stores UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+_COLUMNS = (
+    log_order.c.seq,
+    events.c.position,
+    events.c.topic,
+    events.c.payload,
+    events.c.delivery,
+    events.c.dedupe_key,
+    events.c.aggregate_id,
+    events.c.aggregate_version,
+    events.c.trace_id,
+    events.c.occurred_at,
+    events.c.recorded_at,
+)
+
+
+def read_page(
+    conn: sa.Connection,
+    after: int = 0,
+    limit: int = 1000,
+    topics: TopicFilter | None = None,
+    *,
+    scan_limit: int = 10_000,
+    until_seq: int | None = None,
+) -> Page:
+    """Read up to ``limit`` entries with ``seq > after``, in seq order.
+
+    Reads only what is ordered already (on PostgreSQL, what a sequencer
+    cycle has given a seq); :class:`LogReader` runs a cycle first when no
+    sequencer daemon is active.
+    """
+    if after < 0:
+        raise UsageError(f"cannot read after seq {after}: seqs start at 1")
+    if limit < 1:
+        raise UsageError(f"limit must be at least 1, not {limit}")
+    with translated():
+        # The head is read first: every seq up to it is committed (cycles commit
+        # in seq order), so a page bounded by it can never step over a seq
+        # that commits while the page is being read.
+        top = head(conn)
+        if until_seq is not None:
+            top = min(top, until_seq)
+        bound = min(top, after + scan_limit) if topics else top
+        stmt = (
+            sa.select(*_COLUMNS)
+            .join_from(log_order, events, log_order.c.position == events.c.position)
+            .where(log_order.c.seq > after, log_order.c.seq <= bound)
+            .order_by(log_order.c.seq)
+            .limit(limit)
+        )
+        if topics:
+            stmt = stmt.where(topics.clause())
+        rows = conn.execute(stmt).all()
+    entries = [
+        LogEntry(
+            seq=row.seq,
+            position=row.position,
+            topic=row.topic,
+            payload=row.payload,
+            delivery=row.delivery,
+            dedupe_key=row.dedupe_key,
+            aggregate_id=row.aggregate_id,
+            aggregate_version=row.aggregate_version,
+            trace_id=row.trace_id,
+            occurred_at=_aware(row.occurred_at),
+            recorded_at=_aware(row.recorded_at),
+        )
+        for row in rows
+    ]
+    if len(entries) == limit:
+        return Page(entries, entries[-1].seq, at_head=entries[-1].seq >= top)
+    return Page(entries, max(after, bound), at_head=bound >= top)
+
+
+class LogReader:
+    """Reads the log through an engine; never depends on a daemon being up.
+
+    On PostgreSQL each read first runs a sequencer cycle if no sequencer
+    daemon holds the lock, so events committed a moment ago are readable
+    with or without ``herald run``.
+    """
+
+    def __init__(self, engine: sa.Engine, topics: TopicFilter | None = None) -> None:
+        self.engine = engine
+        self.topics = topics or TopicFilter()
+        self._sequencer = Sequencer()
+
+    def read(self, after: int = 0, limit: int = 1000, *, until_seq: int | None = None) -> Page:
+        with self.engine.connect() as conn:
+            self._sequencer.cycle(conn, elect=True)
+            page = read_page(conn, after, limit, self.topics, until_seq=until_seq)
+            conn.rollback()
+            return page
+
+    def follow(
+        self,
+        after: int = 0,
+        *,
+        batch: int = 1000,
+        poll_interval: float = 1.0,
+        stop: threading.Event | None = None,
+    ) -> Iterator[LogEntry]:
+        """Yield entries after ``after`` as they arrive, until ``stop`` is set.
+
+        Waits on the sequencer's NOTIFY (PostgreSQL) with ``poll_interval`` as
+        the fallback: a lost notification only delays, never loses, an entry.
+        """
+        stop = stop or threading.Event()
+        waker = Waker(self.engine)
+        try:
+            while not stop.is_set():
+                page = self.read(after, batch)
+                yield from page.entries
+                after = page.next_after
+                if page.at_head:
+                    waker.wait(poll_interval)
+        finally:
+            waker.close()

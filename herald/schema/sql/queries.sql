@@ -1,0 +1,67 @@
+-- herald's PostgreSQL queries, one named block each: "-- name --" then a
+-- one-line comment. Loaded by herald.schema.queries; parameters are bound
+-- (:name), never formatted in.
+
+-- current_snapshot --
+-- Which transactions are finished right now. Costs no write and no xid.
+SELECT pg_current_snapshot()::text AS snapshot
+
+-- sequencer_state --
+-- The stored snapshot up to which events are ordered, and the newest seq.
+SELECT snapshot, last_seq FROM herald_sequencer WHERE id = 1
+
+-- sequencer_state_for_update --
+-- The same, locked: concurrent cycles (a daemon and a reader) run one after the other.
+SELECT snapshot, last_seq FROM herald_sequencer WHERE id = 1 FOR UPDATE
+
+-- sequencer_try_lock --
+-- Elect the one active sequencer: a session lock, released when its connection ends.
+SELECT pg_try_advisory_lock(:key) AS locked
+
+-- sequencer_unlock --
+-- Give up the sequencer's session lock (on a clean stop).
+SELECT pg_advisory_unlock(:key) AS unlocked
+
+-- sequencer_try_xact_lock --
+-- A reader that finds no active sequencer takes the lock for one cycle only.
+SELECT pg_try_advisory_xact_lock(:key) AS locked
+
+-- sequencer_pending --
+-- Is there any event committed after the stored snapshot? A read, so an idle cycle writes nothing.
+SELECT EXISTS (
+    SELECT 1 FROM herald_events e
+    WHERE (e.tx >= pg_snapshot_xmax(CAST(:prev AS pg_snapshot))
+           OR e.tx = ANY (ARRAY(SELECT pg_snapshot_xip(CAST(:prev AS pg_snapshot)))))
+      AND pg_visible_in_snapshot(e.tx, CAST(:now AS pg_snapshot))
+) AS pending
+
+-- sequence_new_events --
+-- Give the next seqs to the events whose transaction became visible between :prev and :now.
+INSERT INTO herald_log (seq, position)
+SELECT :last_seq + row_number() OVER (ORDER BY e.tx, e.position), e.position
+FROM herald_events e
+WHERE (e.tx >= pg_snapshot_xmax(CAST(:prev AS pg_snapshot))
+       OR e.tx = ANY (ARRAY(SELECT pg_snapshot_xip(CAST(:prev AS pg_snapshot)))))
+  AND pg_visible_in_snapshot(e.tx, CAST(:now AS pg_snapshot))
+
+-- sequencer_advance --
+-- Store the snapshot just ordered and the newest seq, in the same transaction as the order rows.
+UPDATE herald_sequencer
+SET snapshot = :now, last_seq = :last_seq, updated_at = now()
+WHERE id = 1
+
+-- sequencer_notify --
+-- Wake readers once per cycle. The payload (the newest seq) is a hint, never trusted.
+SELECT pg_notify('herald_log', CAST(:last_seq AS text))
+
+-- listen --
+-- Readers and consumers wait on the sequencer's channel.
+LISTEN herald_log
+
+-- sequencer_holder --
+-- The backend pid holding the sequencer lock, if any (for `herald status` and tests).
+SELECT l.pid FROM pg_locks l
+WHERE l.locktype = 'advisory' AND l.granted
+  AND l.classid = (CAST(:key AS bigint) >> 32)::oid
+  AND l.objid = (CAST(:key AS bigint) & 4294967295)::oid
+  AND l.objsubid = 1

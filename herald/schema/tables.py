@@ -1,0 +1,170 @@
+"""The log's tables, as SQLAlchemy 2 Core tables.
+
+``herald_events`` holds one row per event; ``herald_log`` gives each event
+its place in the log (``seq``), in the order the events became visible.
+``seq`` is the offset that consumers, replay and audit speak of; ``position``
+is only an identity (on PostgreSQL a bigserial that concurrent writers commit
+out of order, which is why the order table exists at all).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.types import UserDefinedType
+
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "SEQUENCER_LOCK_KEY",
+    "XID8",
+    "events",
+    "log_order",
+    "metadata",
+    "sequencer_state",
+    "topics",
+]
+
+#: The channel the sequencer NOTIFYs after each cycle that added rows. The
+#: payload (the newest seq) is a hint only: readers always re-read the table.
+NOTIFY_CHANNEL: Final = "herald_log"
+
+#: The session advisory lock that elects the one active sequencer
+#: (``pg_try_advisory_lock``). ``0x6865726c64`` spells "herld".
+SEQUENCER_LOCK_KEY: Final = 0x6865726C64
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class XID8(UserDefinedType[int]):
+    """PostgreSQL's 64-bit transaction id; an (always null) BIGINT on SQLite."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "XID8"
+
+
+@compiles(XID8, "sqlite")
+def _xid8_sqlite(element: XID8, compiler: Any, **kw: Any) -> str:
+    return "BIGINT"
+
+
+# Reflection (Alembic's comparison, `herald db check`) must know the type too.
+postgresql.base.ischema_names["xid8"] = XID8
+
+
+class current_xact_id(FunctionElement[int]):  # noqa: N801 - named like the SQL function
+    """``pg_current_xact_id()``: the writing transaction's id; NULL on SQLite."""
+
+    type = XID8()
+    inherit_cache = True
+
+
+@compiles(current_xact_id, "postgresql")
+def _current_xact_id_pg(element: current_xact_id, compiler: Any, **kw: Any) -> str:
+    return "pg_current_xact_id()"
+
+
+@compiles(current_xact_id)
+def _current_xact_id_other(element: current_xact_id, compiler: Any, **kw: Any) -> str:
+    return "NULL"
+
+
+# A bigserial on PostgreSQL; INTEGER PRIMARY KEY (the rowid) on SQLite.
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+_Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+_Timestamp = sa.DateTime(timezone=True)
+
+events = sa.Table(
+    "herald_events",
+    metadata,
+    sa.Column("position", _BigId, primary_key=True, autoincrement=True),
+    # Which transaction wrote the row: the sequencer orders events by the
+    # visibility of this id. Filled by the database itself, so writers in any
+    # language (and the SQL function) cannot get it wrong.
+    sa.Column("tx", XID8(), server_default=current_xact_id(), nullable=True),
+    sa.Column("topic", sa.String(100), nullable=False),
+    sa.Column("payload", _Json, nullable=False),
+    sa.Column("delivery", sa.String(16), nullable=False),
+    sa.Column("dedupe_key", sa.String(200), nullable=True),
+    sa.Column("aggregate_id", sa.String(100), nullable=True),
+    sa.Column("aggregate_version", sa.Integer(), nullable=True),
+    sa.Column("trace_id", sa.String(100), nullable=True),
+    sa.Column("occurred_at", _Timestamp, nullable=False),
+    sa.Column("recorded_at", _Timestamp, nullable=False, server_default=sa.func.now()),
+    sa.CheckConstraint(
+        "delivery IN ('at_least_once', 'ephemeral', 'once_per_eval')", name="delivery"
+    ),
+    sa.CheckConstraint(
+        "(aggregate_id IS NULL) = (aggregate_version IS NULL)", name="aggregate_version"
+    ),
+    sqlite_autoincrement=True,
+)
+sa.Index("ix_herald_events_tx", events.c.tx)
+sa.Index("ix_herald_events_topic", events.c.topic, events.c.position)
+sa.Index(
+    "uq_herald_events_dedupe_key",
+    events.c.dedupe_key,
+    unique=True,
+    postgresql_where=events.c.dedupe_key.is_not(None),
+    sqlite_where=events.c.dedupe_key.is_not(None),
+)
+sa.Index(
+    "uq_herald_events_aggregate_id_aggregate_version",
+    events.c.aggregate_id,
+    events.c.aggregate_version,
+    unique=True,
+    postgresql_where=events.c.aggregate_id.is_not(None),
+    sqlite_where=events.c.aggregate_id.is_not(None),
+)
+
+log_order = sa.Table(
+    "herald_log",
+    metadata,
+    sa.Column("seq", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column(
+        "position",
+        sa.BigInteger(),
+        sa.ForeignKey(events.c.position),
+        nullable=False,
+        unique=True,
+    ),
+)
+
+#: The sequencer's state: one row. ``snapshot`` is the PostgreSQL snapshot
+#: (``pg_snapshot`` as text) up to which events have been ordered, ``last_seq``
+#: the newest seq given out. Both change in the same transaction as the order
+#: rows they describe, so a takeover continues exactly where the last cycle
+#: committed.
+sequencer_state = sa.Table(
+    "herald_sequencer",
+    metadata,
+    sa.Column("id", sa.SmallInteger(), primary_key=True, autoincrement=False),
+    sa.Column("snapshot", sa.Text(), nullable=True),
+    sa.Column("last_seq", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("updated_at", _Timestamp, nullable=True),
+    sa.CheckConstraint("id = 1", name="one_row"),
+)
+
+#: The event catalogue, copied from Python (``herald.domain.catalogue``) by
+#: ``herald db upgrade`` so that ``herald_append`` validates like Python does.
+topics = sa.Table(
+    "herald_topics",
+    metadata,
+    sa.Column("topic", sa.String(100), primary_key=True),
+    sa.Column("delivery", sa.String(16), nullable=False),
+    # {"field": "integer" | "string" | "integer[]" | "string?" | "integer?"}
+    sa.Column("fields", _Json, nullable=False),
+)
