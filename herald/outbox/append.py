@@ -89,15 +89,12 @@ def append_many(conn: sa.Connection | Session, new_events: Iterable[NewEvent]) -
         now = datetime.now(UTC)
         for row in rows:
             row["recorded_at"] = now
+    insert = _insert_sqlite if dialect == "sqlite" else _insert_postgresql
     positions: list[int] = []
     first_new: int | None = None
     try:
         for deduped, run in _runs(rows):
-            if deduped:
-                found, new = _insert_deduped(connection, run)
-            else:
-                found = _insert_plain(connection, run)
-                new = found
+            found, new = insert(connection, run, deduped=deduped)
             positions.extend(found)
             if new and first_new is None:
                 first_new = min(new)
@@ -155,37 +152,85 @@ def _runs(rows: list[dict[str, Any]]) -> Iterable[tuple[bool, list[dict[str, Any
             start = i
 
 
-def _insert_plain(conn: sa.Connection, rows: list[dict[str, Any]]) -> list[int]:
-    if len(rows) == 1:
-        stmt = sa.insert(events).returning(events.c.position)
-        return [conn.execute(stmt, rows[0]).scalar_one()]
-    stmt = sa.insert(events).returning(events.c.position, sort_by_parameter_order=True)
-    return list(conn.execute(stmt, rows).scalars())
+Inserted = tuple[list[int], list[int]]
+"""(the position of every row, in order; the positions of the rows actually inserted)"""
 
 
-def _insert_deduped(conn: sa.Connection, rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
-    """Insert rows whose dedupe key is new; returns (positions in order, newly inserted)."""
+def _unique_keys(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     unique: dict[str, dict[str, Any]] = {}
     for row in rows:
         unique.setdefault(row["dedupe_key"], row)
-    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    return list(unique.values())
+
+
+def _positions_of(conn: sa.Connection, keys: list[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for chunk in (keys[i : i + 1000] for i in range(0, len(keys), 1000)):
+        stmt = sa.select(events.c.dedupe_key, events.c.position).where(
+            events.c.dedupe_key.in_(chunk)
+        )
+        found.update((row[0], row[1]) for row in conn.execute(stmt))
+    return found
+
+
+def _insert_postgresql(
+    conn: sa.Connection, rows: list[dict[str, Any]], *, deduped: bool
+) -> Inserted:
+    """Multi-row INSERT ... RETURNING (insertmanyvalues: 1,000 rows a statement)."""
+    if not deduped:
+        if len(rows) == 1:
+            stmt = sa.insert(events).returning(events.c.position)
+            new = [conn.execute(stmt, rows[0]).scalar_one()]
+        else:
+            stmt = sa.insert(events).returning(events.c.position, sort_by_parameter_order=True)
+            new = list(conn.execute(stmt, rows).scalars())
+        return new, new
+    unique = _unique_keys(rows)
     stmt = (
-        dialect_insert(events)
+        postgresql.insert(events)
         .on_conflict_do_nothing(
             index_elements=[events.c.dedupe_key], index_where=events.c.dedupe_key.is_not(None)
         )
         .returning(events.c.dedupe_key, events.c.position)
     )
-    batch = list(unique.values())
-    result = conn.execute(stmt, batch[0]) if len(batch) == 1 else conn.execute(stmt, batch)
-    by_key: dict[str, int] = dict(result.tuples().all())
+    result = conn.execute(stmt, unique[0]) if len(unique) == 1 else conn.execute(stmt, unique)
+    by_key: dict[str, int] = {row[0]: row[1] for row in result}
     new = list(by_key.values())
-    missing = [key for key in unique if key not in by_key]
-    for chunk in (missing[i : i + 1000] for i in range(0, len(missing), 1000)):
-        existing = sa.select(events.c.dedupe_key, events.c.position).where(
-            events.c.dedupe_key.in_(chunk)
-        )
-        by_key.update(conn.execute(existing).tuples().all())
+    by_key.update(
+        _positions_of(conn, [r["dedupe_key"] for r in unique if r["dedupe_key"] not in by_key])
+    )
+    return [by_key[row["dedupe_key"]] for row in rows], new
+
+
+# The next position on SQLite: AUTOINCREMENT never reuses one, even after a prune.
+_SQLITE_LAST_POSITION = sa.text(
+    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'herald_events'), 0),"
+    " coalesce((SELECT max(position) FROM herald_events), 0))"
+)
+
+
+def _insert_sqlite(conn: sa.Connection, rows: list[dict[str, Any]], *, deduped: bool) -> Inserted:
+    """One executemany with positions given by the writer.
+
+    SQLite has one writer at a time, so the writer may number its own rows:
+    this keeps the caller's order without RETURNING (which SQLite would run
+    row by row to guarantee that order). Should another connection write in
+    between anyway, the primary key refuses the insert: an error, never a
+    wrong position.
+    """
+    batch = _unique_keys(rows) if deduped else rows
+    base = int(conn.execute(_SQLITE_LAST_POSITION).scalar_one())
+    numbered = [{**row, "position": base + i} for i, row in enumerate(batch, start=1)]
+    if not deduped:
+        conn.execute(sa.insert(events), numbered)
+        new = [row["position"] for row in numbered]
+        return new, new
+    stmt = sqlite.insert(events).on_conflict_do_nothing(
+        index_elements=[events.c.dedupe_key], index_where=events.c.dedupe_key.is_not(None)
+    )
+    conn.execute(stmt, numbered)
+    by_key = _positions_of(conn, [row["dedupe_key"] for row in numbered])
+    new = [row["position"] for row in numbered if by_key[row["dedupe_key"]] == row["position"]]
     return [by_key[row["dedupe_key"]] for row in rows], new
 
 

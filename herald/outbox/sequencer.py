@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
-from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_random
 
 from herald.errors import TransientDatabaseError
 from herald.schema import SEQUENCER_LOCK_KEY
@@ -196,7 +196,7 @@ def run_sequencer(
 
     retrying = Retrying(
         retry=retry_if_exception_type(TransientDatabaseError),
-        wait=wait_exponential_jitter(initial=0.05, max=2.0),
+        wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05),
         sleep=pause,
         before_sleep=log_retry,
         reraise=True,

@@ -1,0 +1,181 @@
+"""Appending, on SQLite and PostgreSQL: atomic with the caller's transaction."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from herald.errors import InvalidPayload, InvalidTopic, PayloadTooLarge, VersionConflict
+from herald.outbox import NewEvent, append, append_many
+from tests.integration.helpers import count_events, read_all
+
+FINISHED = {"build_id": 42, "dependent_ids": [1, 2]}
+
+
+def test_append_returns_the_position_and_the_reader_sees_it(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        first = append(conn, "build_finished", FINISHED, trace_id="t1")
+        second = append(conn, "acme.deploy", {"env": "prod"})
+    assert second > first
+    entries = read_all(engine)
+    assert [(e.seq, e.position, e.topic) for e in entries] == [
+        (1, first, "build_finished"),
+        (2, second, "acme.deploy"),
+    ]
+    assert entries[0].payload == FINISHED
+    assert entries[0].delivery == "at_least_once"
+    assert entries[0].trace_id == "t1"
+    assert entries[0].recorded_at.tzinfo is not None
+    assert abs(entries[0].recorded_at - datetime.now(UTC)) < timedelta(minutes=1)
+
+
+def test_rollback_leaves_no_trace(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE builds (id INTEGER PRIMARY KEY, status INTEGER)"))
+        conn.execute(sa.text("INSERT INTO builds VALUES (42, NULL)"))
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        conn.execute(sa.text("UPDATE builds SET status = 0 WHERE id = 42"))
+        append(conn, "build_finished", FINISHED)
+        raise RuntimeError("the caller fails after appending")
+    assert count_events(engine) == 0
+    assert read_all(engine) == []
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT status FROM builds")).scalar_one() is None
+
+
+def test_append_through_an_orm_session(engine: sa.Engine) -> None:
+    with Session(engine) as session, session.begin():
+        position = append(session, "build_started", {"build_id": 7})
+    assert [e.position for e in read_all(engine)] == [position]
+
+
+def test_duplicate_dedupe_key_is_a_no_op(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        first = append(conn, "acme.deploy", {"n": 1}, dedupe_key="deploy-1")
+    with engine.begin() as conn:
+        again = append(conn, "acme.deploy", {"n": 2}, dedupe_key="deploy-1")
+        other = append(conn, "acme.deploy", {"n": 3}, dedupe_key="deploy-2")
+    assert again == first
+    assert other != first
+    assert [e.payload["n"] for e in read_all(engine)] == [1, 3]
+
+
+def test_dedupe_within_one_batch_keeps_the_first(engine: sa.Engine) -> None:
+    batch = [
+        NewEvent("build_started", {"build_id": 1}),
+        NewEvent("acme.x", {"n": 1}, dedupe_key="k"),
+        NewEvent("acme.x", {"n": 2}, dedupe_key="k"),
+        NewEvent("build_started", {"build_id": 2}),
+    ]
+    with engine.begin() as conn:
+        positions = append_many(conn, batch)
+    assert positions[1] == positions[2]
+    assert [(e.topic, e.payload) for e in read_all(engine)] == [
+        ("build_started", {"build_id": 1}),
+        ("acme.x", {"n": 1}),
+        ("build_started", {"build_id": 2}),
+    ]
+
+
+def test_once_per_eval_topics_get_their_key(engine: sa.Engine) -> None:
+    payload = {"eval_id": 9, "build_id": 5}
+    with engine.begin() as conn:
+        first = append(conn, "cached_build_finished", payload)
+        assert append(conn, "cached_build_finished", payload) == first
+        other_eval = append(conn, "cached_build_finished", {"eval_id": 10, "build_id": 5})
+    assert other_eval != first
+    entries = read_all(engine)
+    assert [e.dedupe_key for e in entries] == [
+        "cached_build_finished:9:5",
+        "cached_build_finished:10:5",
+    ]
+
+
+def test_same_aggregate_version_twice_is_a_version_conflict(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        append(conn, "build_started", {"build_id": 1}, aggregate_id="build-1", aggregate_version=1)
+    with pytest.raises(VersionConflict) as info, engine.begin() as conn:
+        append(conn, "step_started", {"build_id": 1, "step_nr": 1})
+        append(conn, "build_started", {"build_id": 1}, aggregate_id="build-1", aggregate_version=1)
+    assert info.value.aggregate_id == "build-1"
+    assert info.value.version == 1
+    assert count_events(engine) == 1, "the conflicting transaction wrote nothing"
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "error"),
+    [
+        ("buld_finished", {}, InvalidTopic),
+        ("Build", {}, InvalidTopic),
+        ("build_finished", [1], InvalidPayload),
+        ("build_finished", {"build_id": 1}, InvalidPayload),
+        ("acme.big", {"s": "x" * (1024 * 1024)}, PayloadTooLarge),
+    ],
+)
+def test_bad_input_in_a_batch_writes_nothing(
+    engine: sa.Engine, topic: str, payload: Any, error: type[Exception]
+) -> None:
+    good = NewEvent("build_started", {"build_id": 1})
+    with pytest.raises(error), engine.begin() as conn:
+        append_many(conn, [good, NewEvent(topic, payload), good])
+    assert count_events(engine) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dedupe_key": ""},
+        {"dedupe_key": "k" * 201},
+        {"trace_id": 7},
+        {"aggregate_id": "build-1"},
+        {"occurred_at": datetime(2026, 1, 1)},
+    ],
+)
+def test_bad_metadata_writes_nothing(engine: sa.Engine, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(InvalidPayload), engine.begin() as conn:
+        append(conn, "acme.x", {}, **kwargs)
+    assert count_events(engine) == 0
+
+
+def test_bulk_append_is_not_a_round_trip_per_event(engine: sa.Engine) -> None:
+    """50,000 events in one transaction, in order, in a few dozen statements."""
+    statements = 0
+
+    def count(*_args: Any) -> None:
+        nonlocal statements
+        statements += 1
+
+    n = 50_000
+    batch = [NewEvent("build_queued", {"build_id": i}) for i in range(1, n + 1)]
+    sa.event.listen(engine, "before_cursor_execute", count)
+    try:
+        with engine.begin() as conn:
+            positions = append_many(conn, batch)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", count)
+    assert len(positions) == n
+    assert positions == sorted(positions)
+    assert statements <= n // 500, f"{statements} statements for {n} events"
+    entries = read_all(engine)
+    assert [e.payload["build_id"] for e in entries] == list(range(1, n + 1))
+    assert [e.seq for e in entries] == list(range(1, n + 1))
+
+
+def test_big_payload_round_trips(engine: sa.Engine) -> None:
+    dependents = list(range(100_000, 110_000))
+    with engine.begin() as conn:
+        append(conn, "build_finished", {"build_id": 1, "dependent_ids": dependents})
+    (entry,) = read_all(engine)
+    assert entry.payload["dependent_ids"] == dependents
+
+
+def test_occurred_at_is_kept(engine: sa.Engine) -> None:
+    when = datetime(2026, 11, 1, 12, 30, tzinfo=UTC)
+    with engine.begin() as conn:
+        append(conn, "build_started", {"build_id": 1}, occurred_at=when)
+    (entry,) = read_all(engine)
+    assert entry.occurred_at == when

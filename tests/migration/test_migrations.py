@@ -1,0 +1,103 @@
+"""The schema built by the migrations equals the schema of the models."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from herald.config import create_engine
+from herald.schema import metadata, migrate
+from tests.conftest import migrate_url
+
+
+def _differences(url: str) -> list[object]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(
+                conn, opts={"compare_type": True, "compare_server_default": False}
+            )
+            return list(compare_metadata(context, metadata))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", marks=pytest.mark.sqlite),
+        pytest.param("postgresql", marks=pytest.mark.postgresql),
+    ]
+)
+def empty_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{request.getfixturevalue('tmp_path')}/fresh.db"
+    url: str = request.getfixturevalue("pg_empty_url")
+    return url
+
+
+def test_migrated_schema_equals_the_models(empty_url: str) -> None:
+    migrate_url(empty_url)
+    assert _differences(empty_url) == []
+
+
+def test_the_comparison_can_fail(empty_url: str) -> None:
+    """A schema that lacks an index is reported: the check above is not vacuous."""
+    migrate_url(empty_url)
+    engine = create_engine(empty_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP INDEX ix_herald_events_topic"))
+    finally:
+        engine.dispose()
+    assert _differences(empty_url) != []
+
+
+def test_upgrade_is_idempotent_and_downgrade_reverses_it(empty_url: str) -> None:
+    migrate_url(empty_url)
+    migrate_url(empty_url)
+    engine = create_engine(empty_url)
+    try:
+        with engine.connect() as conn:
+            assert migrate.current_revision(conn) == migrate.head_revision()
+            command.downgrade(migrate.alembic_config(conn), "base")
+            conn.commit()
+            assert migrate.current_revision(conn) is None
+            names = set(sa.inspect(conn).get_table_names()) - {"alembic_version"}
+            assert names == set()
+            conn.rollback()
+            migrate.upgrade(conn)
+            assert migrate.current_revision(conn) == migrate.head_revision()
+    finally:
+        engine.dispose()
+    assert _differences(empty_url) == []
+
+
+@pytest.mark.postgresql
+def test_postgresql_objects_exist(pg_url: str) -> None:
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            functions = set(
+                conn.execute(
+                    sa.text("SELECT proname FROM pg_proc WHERE proname LIKE 'herald_%'")
+                ).scalars()
+            )
+            triggers = set(
+                conn.execute(
+                    sa.text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")
+                ).scalars()
+            )
+            tx_type = conn.execute(
+                sa.text(
+                    "SELECT data_type FROM information_schema.columns "
+                    "WHERE table_name = 'herald_events' AND column_name = 'tx'"
+                )
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert {"herald_append", "herald_refuse_change"} <= functions
+    assert triggers == {"herald_events_append_only", "herald_log_append_only"}
+    assert tx_type == "xid8"
