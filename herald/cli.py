@@ -21,6 +21,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from herald import __version__
@@ -297,15 +298,17 @@ def topics_command(as_json: bool) -> None:
         )
         return
     table = Table(title="herald's event catalogue", title_justify="left")
-    for column in ("topic", "payload fields", "delivery", "Hydra channel"):
-        table.add_column(column)
+    table.add_column("topic", no_wrap=True)
+    table.add_column("payload fields")
+    table.add_column("delivery", no_wrap=True)
+    table.add_column("Hydra channel")
     for spec in CATALOGUE.values():
         fields = ", ".join(f"{name}: {kind}" for name, kind in spec.fields)
         table.add_row(spec.topic, fields, spec.delivery, spec.hydra_channel or "-")
     console = Console()
     console.print(table)
     console.print(
-        f"Topic names match {TOPIC_PATTERN}. Custom topics are dotted (acme.deploy_started) "
+        f"Topic names match {escape(TOPIC_PATTERN)}. Custom topics are dotted (acme.deploy_started) "
         f"and take any JSON object. Payloads are at most {MAX_PAYLOAD_BYTES} bytes of JSON."
     )
 
