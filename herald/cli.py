@@ -308,8 +308,9 @@ def topics_command(as_json: bool) -> None:
     console = Console()
     console.print(table)
     console.print(
-        f"Topic names match {escape(TOPIC_PATTERN)}. Custom topics are dotted (acme.deploy_started) "
-        f"and take any JSON object. Payloads are at most {MAX_PAYLOAD_BYTES} bytes of JSON."
+        f"Topic names match {escape(TOPIC_PATTERN)}. Custom topics are dotted "
+        "(acme.deploy_started) and take any JSON object. "
+        f"Payloads are at most {MAX_PAYLOAD_BYTES} bytes of JSON."
     )
 
 

@@ -74,9 +74,7 @@ class Sequencer:
                 conn.rollback()
                 return 0
             prev, _ = conn.execute(query("sequencer_state")).one()
-            pending = conn.execute(
-                query("sequencer_pending"), {"prev": prev or _ORIGIN, "now": now}
-            ).scalar_one()
+            pending = conn.execute(query("sequencer_pending"), _bounds(prev, now)).scalar_one()
             conn.rollback()
             if not pending:
                 self._seen = now
@@ -123,14 +121,22 @@ class Sequencer:
             # writer's transactions get increasing xids, so its events keep
             # their commit order.
             count = conn.execute(
-                query("sequence_new_events"),
-                {"prev": prev or _ORIGIN, "now": now, "last_seq": last_seq},
+                query("sequence_new_events"), {**_bounds(prev, now), "last_seq": last_seq}
             ).rowcount
             if count:
                 conn.execute(query("sequencer_advance"), {"now": now, "last_seq": last_seq + count})
                 conn.execute(query("sequencer_notify"), {"last_seq": last_seq + count})
                 self.stats.last_seq = last_seq + count
         return count
+
+
+def _bounds(prev: str | None, now: str) -> dict[str, str]:
+    """The parameters that say "visible in now, not in prev"."""
+    prev = prev or _ORIGIN
+    # pg_snapshot's text form is "xmin:xmax:xip,xip,..."; the in-progress list
+    # goes in as an array literal so that the planner can estimate it.
+    xip = prev.split(":")[2]
+    return {"prev": prev, "now": now, "xip": "{" + xip + "}"}
 
 
 def _try_lock(conn: sa.Connection) -> bool:

@@ -31,11 +31,13 @@ class Waker:
     def _listen(self) -> Any:
         if self._conn is None:
             raw = self.engine.raw_connection()
+            conn = raw.driver_connection
             # Detached: the pool never gets this connection back, so a LISTEN
             # never leaks into a pooled connection used for something else.
             raw.detach()
-            conn = raw.driver_connection
-            assert conn is not None
+            if conn is None:
+                raise RuntimeError("the engine gave no driver connection to listen on")
+            conn.rollback()  # the pool's pre-ping may have left a transaction open
             conn.autocommit = True
             conn.execute(QUERIES["listen"])
             self._conn = conn
@@ -51,7 +53,7 @@ class Waker:
             # notifies() returns after the first notification or the timeout.
             return any(True for _ in conn.notifies(timeout=timeout, stop_after=1))
         except Exception as exc:  # noqa: BLE001 - any failure means: reconnect next time
-            log.debug("listening connection failed (%s); polling instead", exc)
+            log.warning("listening connection failed (%s); polling until it reconnects", exc)
             self.close()
             time.sleep(min(timeout, 0.5))
             return False

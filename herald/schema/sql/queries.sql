@@ -27,22 +27,36 @@ SELECT pg_advisory_unlock(:key) AS unlocked
 SELECT pg_try_advisory_xact_lock(:key) AS locked
 
 -- sequencer_pending --
--- Is there any event committed after the stored snapshot? A read, so an idle cycle writes nothing.
-SELECT EXISTS (
+-- How many events committed after the stored snapshot? A read, so an idle cycle writes nothing.
+SELECT count(*) AS pending FROM (
     SELECT 1 FROM herald_events e
-    WHERE (e.tx >= pg_snapshot_xmax(CAST(:prev AS pg_snapshot))
-           OR e.tx = ANY (ARRAY(SELECT pg_snapshot_xip(CAST(:prev AS pg_snapshot)))))
+    WHERE e.tx >= pg_snapshot_xmax(CAST(:prev AS pg_snapshot))
+      AND e.tx < pg_snapshot_xmax(CAST(:now AS pg_snapshot))
       AND pg_visible_in_snapshot(e.tx, CAST(:now AS pg_snapshot))
-) AS pending
+    UNION ALL
+    SELECT 1 FROM herald_events e
+    WHERE e.tx = ANY (CAST(:xip AS xid8[]))
+      AND pg_visible_in_snapshot(e.tx, CAST(:now AS pg_snapshot))
+) AS n
 
 -- sequence_new_events --
 -- Give the next seqs to the events whose transaction became visible between :prev and :now.
+-- "Not visible in prev" is "tx >= xmax(prev)" or "tx in xip(prev)" (:xip, the list taken
+-- from :prev by the caller, so the planner sees its values). xip(prev) < xmax(prev), so the
+-- two branches never overlap, and each is an index scan on tx: as one OR, or with the list
+-- as a subquery, the planner falls back to a sequential scan of the whole log.
 INSERT INTO herald_log (seq, position)
-SELECT :last_seq + row_number() OVER (ORDER BY e.tx, e.position), e.position
-FROM herald_events e
-WHERE (e.tx >= pg_snapshot_xmax(CAST(:prev AS pg_snapshot))
-       OR e.tx = ANY (ARRAY(SELECT pg_snapshot_xip(CAST(:prev AS pg_snapshot)))))
-  AND pg_visible_in_snapshot(e.tx, CAST(:now AS pg_snapshot))
+SELECT :last_seq + row_number() OVER (ORDER BY n.tx, n.position), n.position
+FROM (
+    SELECT e.tx, e.position FROM herald_events e
+    WHERE e.tx >= pg_snapshot_xmax(CAST(:prev AS pg_snapshot))
+      AND e.tx < pg_snapshot_xmax(CAST(:now AS pg_snapshot))
+      AND pg_visible_in_snapshot(e.tx, CAST(:now AS pg_snapshot))
+    UNION ALL
+    SELECT e.tx, e.position FROM herald_events e
+    WHERE e.tx = ANY (CAST(:xip AS xid8[]))
+      AND pg_visible_in_snapshot(e.tx, CAST(:now AS pg_snapshot))
+) AS n
 
 -- sequencer_advance --
 -- Store the snapshot just ordered and the newest seq, in the same transaction as the order rows.
