@@ -30,6 +30,7 @@ from herald.config import create_engine as _create_engine
 from herald.domain import CATALOGUE, DELIVERIES, MAX_PAYLOAD_BYTES, TOPIC_PATTERN
 from herald.errors import HeraldError, NotMigrated, UsageError
 from herald.outbox import LogEntry, LogReader, TopicFilter, append, run_sequencer, sync_catalogue
+from herald.outbox.reader import MAX_SEQ
 from herald.schema import migrate
 from herald.schema.dberrors import translated
 
@@ -208,7 +209,7 @@ def _format(entry: LogEntry) -> str:
 @click.option(
     "--from",
     "from_seq",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_SEQ),
     default=1,
     metavar="SEQ",
     help="First seq to print (inclusive).",

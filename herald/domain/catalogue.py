@@ -251,26 +251,36 @@ def validate_event(
     name = validate_topic(topic)
     if not isinstance(payload, dict):
         raise InvalidPayload(name, f"must be a JSON object, not {_json_kind(payload)}")
+    rule = _delivery_rule(name, payload, delivery)
+    text = _payload_json(name, payload)
+    return name, rule, text
+
+
+def _delivery_rule(name: str, payload: dict[str, Any], delivery: str | None) -> Delivery:
+    """Check a catalogue topic's fields; the delivery rule that applies."""
     spec = CATALOGUE.get(name)
-    if spec is not None:
-        for field, kind in spec.fields:
-            if field not in payload:
-                raise InvalidPayload(name, f"missing field {field!r} ({kind})")
-            if not _type_ok(payload[field], kind):
-                raise InvalidPayload(
-                    name, f"field {field!r} must be {kind}, not {_json_kind(payload[field])}"
-                )
-        if delivery is not None and delivery != spec.delivery:
-            raise InvalidPayload(
-                name, f"delivery is fixed by the catalogue as {spec.delivery!r}, not {delivery!r}"
-            )
-        rule: Delivery = spec.delivery
-    elif delivery is None:
-        rule = "at_least_once"
-    elif delivery in DELIVERIES:
-        rule = delivery
-    else:
+    if spec is None:
+        if delivery is None:
+            return "at_least_once"
+        if delivery in DELIVERIES:
+            return delivery
         raise InvalidPayload(name, f"unknown delivery {delivery!r}; one of {', '.join(DELIVERIES)}")
+    for field, kind in spec.fields:
+        if field not in payload:
+            raise InvalidPayload(name, f"missing field {field!r} ({kind})")
+        if not _type_ok(payload[field], kind):
+            raise InvalidPayload(
+                name, f"field {field!r} must be {kind}, not {_json_kind(payload[field])}"
+            )
+    if delivery is not None and delivery != spec.delivery:
+        raise InvalidPayload(
+            name, f"delivery is fixed by the catalogue as {spec.delivery!r}, not {delivery!r}"
+        )
+    return spec.delivery
+
+
+def _payload_json(name: str, payload: dict[str, Any]) -> str:
+    """The compact JSON text that will be stored, within the size limit."""
     try:
         text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -278,10 +288,15 @@ def validate_event(
     if "\\u0000" in text:
         # PostgreSQL's jsonb cannot store NUL characters; refuse them everywhere alike.
         raise InvalidPayload(name, "contains a NUL character (\\u0000)")
-    size = len(text.encode("utf-8"))
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidPayload(
+            name, "contains text that is not valid Unicode (a lone surrogate)"
+        ) from exc
     if size > MAX_PAYLOAD_BYTES:
         raise PayloadTooLarge(name, size, MAX_PAYLOAD_BYTES)
-    return name, rule, text
+    return text
 
 
 _KINDS: Final[tuple[tuple[type | tuple[type, ...], str], ...]] = (

@@ -125,8 +125,12 @@ def _row(event: NewEvent) -> dict[str, Any]:
         ("aggregate_id", event.aggregate_id),
     ):
         limit = _LENGTHS[name]
-        if value is not None and (not isinstance(value, str) or not value or len(value) > limit):
-            raise InvalidPayload(topic, f"{name} must be a non-empty string of at most {limit}")
+        if value is not None and (
+            not isinstance(value, str) or not value or len(value) > limit or not _is_unicode(value)
+        ):
+            raise InvalidPayload(
+                topic, f"{name} must be a non-empty string of at most {limit} characters"
+            )
     if (event.aggregate_id is None) != (event.aggregate_version is None):
         raise InvalidPayload(topic, "aggregate_id and aggregate_version go together")
     occurred_at = event.occurred_at or datetime.now(UTC)
@@ -142,6 +146,14 @@ def _row(event: NewEvent) -> dict[str, Any]:
         "trace_id": event.trace_id,
         "occurred_at": occurred_at,
     }
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _runs(rows: list[dict[str, Any]]) -> Iterable[tuple[bool, list[dict[str, Any]]]]:

@@ -28,7 +28,11 @@ from herald.outbox.wakeup import Waker
 from herald.schema import events, log_order
 from herald.schema.dberrors import translated
 
-__all__ = ["LogEntry", "LogReader", "Page", "TopicFilter", "head", "read_page"]
+__all__ = ["MAX_SEQ", "LogEntry", "LogReader", "Page", "TopicFilter", "head", "read_page"]
+
+
+#: the largest seq the log can hold (a signed 64-bit integer)
+MAX_SEQ = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +151,8 @@ def read_page(
     """
     if after < 0:
         raise UsageError(f"cannot read after seq {after}: seqs start at 1")
+    if after > MAX_SEQ:
+        raise UsageError(f"cannot read after seq {after}: seqs end at {MAX_SEQ}")
     if limit < 1:
         raise UsageError(f"limit must be at least 1, not {limit}")
     with translated():
@@ -191,9 +197,11 @@ def read_page(
 class LogReader:
     """Reads the log through an engine; never depends on a daemon being up.
 
-    On PostgreSQL each read first runs a sequencer cycle if no sequencer
-    daemon holds the lock, so events committed a moment ago are readable
-    with or without ``herald run``.
+    On PostgreSQL each read first orders whatever has committed and is not
+    ordered yet (a sequencer cycle: one cheap read when there is nothing to
+    do, and it waits for a cycle another process is running), so a read
+    sees every event committed before it began, with or without
+    ``herald run``.
     """
 
     def __init__(self, engine: sa.Engine, topics: TopicFilter | None = None) -> None:
@@ -203,7 +211,7 @@ class LogReader:
 
     def read(self, after: int = 0, limit: int = 1000, *, until_seq: int | None = None) -> Page:
         with self.engine.connect() as conn:
-            self._sequencer.cycle(conn, elect=True)
+            self._sequencer.cycle(conn)
             page = read_page(conn, after, limit, self.topics, until_seq=until_seq)
             conn.rollback()
             return page

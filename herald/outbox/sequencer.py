@@ -56,13 +56,14 @@ class Sequencer:
         self._seen: str | None = None
         self.stats = CycleStats()
 
-    def cycle(self, conn: sa.Connection, *, elect: bool = False) -> int:
+    def cycle(self, conn: sa.Connection) -> int:
         """Order what has committed since the last cycle; returns how many events.
 
         ``conn`` must have no transaction open; the cycle commits its own.
-        With ``elect=True`` (a reader with no daemon around) the cycle runs
-        only if no other process holds the sequencer lock, and takes it for
-        this one transaction.
+        Any process may run a cycle at any time, daemon or reader: cycles
+        serialize on the state row (``FOR UPDATE``), and the advisory lock
+        only elects which daemon runs them continuously. When it returns,
+        every event committed before it was called has a seq.
         """
         if conn.dialect.name != "postgresql":
             return 0
@@ -79,21 +80,14 @@ class Sequencer:
             if not pending:
                 self._seen = now
                 return 0
-            count = self._order(conn, elect=elect)
+            count = self._order(conn)
         self.stats.cycles += 1
         self.stats.sequenced += count
         self.stats.last_cycle_seconds = time.perf_counter() - started
         return count
 
-    def _order(self, conn: sa.Connection, *, elect: bool) -> int:
+    def _order(self, conn: sa.Connection) -> int:
         with conn.begin():
-            if (
-                elect
-                and not conn.execute(
-                    query("sequencer_try_xact_lock"), {"key": SEQUENCER_LOCK_KEY}
-                ).scalar_one()
-            ):
-                return 0
             prev, last_seq = conn.execute(query("sequencer_state_for_update")).one()
             # `now` is taken after the row lock: a cycle that waited for another
             # one sees its stored snapshot as `prev` and starts where it stopped.

@@ -131,6 +131,7 @@ def test_bad_input_in_a_batch_writes_nothing(
         {"dedupe_key": ""},
         {"dedupe_key": "k" * 201},
         {"trace_id": 7},
+        {"trace_id": "\ud800"},
         {"aggregate_id": "build-1"},
         {"occurred_at": datetime(2026, 1, 1)},
     ],

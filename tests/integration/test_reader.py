@@ -7,6 +7,7 @@ import sqlalchemy as sa
 
 from herald.errors import InvalidTopic, UsageError
 from herald.outbox import LogReader, NewEvent, Sequencer, TopicFilter, append_many, read_page
+from herald.outbox.reader import MAX_SEQ
 from tests.integration.helpers import read_all
 
 TOPICS = ["build_started", "build_finished", "step_started", "acme.deploy", "acme.cache.pushed"]
@@ -102,6 +103,9 @@ def test_bad_reads_are_usage_errors(filled: sa.Engine) -> None:
             read_page(conn, after=-1)
         with pytest.raises(UsageError, match="limit"):
             read_page(conn, after=0, limit=0)
+        with pytest.raises(UsageError, match="seqs end at"):
+            read_page(conn, after=MAX_SEQ + 1)
+        assert read_page(conn, after=MAX_SEQ).entries == []
     with pytest.raises(InvalidTopic):
         TopicFilter(["buld_finished"])
     with pytest.raises(InvalidTopic):

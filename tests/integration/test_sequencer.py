@@ -235,16 +235,36 @@ def test_one_active_sequencer_and_takeover(pg_engine: sa.Engine) -> None:
             b.join(5)
 
 
-def test_reader_defers_to_a_live_sequencer(pg_url: str, pg_engine: sa.Engine) -> None:
-    """While another session holds the lock, a reader does not sequence itself."""
+def test_a_read_sees_what_committed_before_it_whoever_holds_the_lock(
+    pg_engine: sa.Engine,
+) -> None:
+    """A daemon that holds the election lock but is stuck does not hide events
+    from readers: a read orders what committed before it, lock or no lock."""
     conninfo = pg_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(conninfo, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (SEQUENCER_LOCK_KEY,))
         with pg_engine.begin() as conn:
             append(conn, "build_started", {"build_id": 1})
-        assert LogReader(pg_engine).read().entries == []
-    # The holder is gone: the reader orders the event itself.
-    assert [e.seq for e in LogReader(pg_engine).read().entries] == [1]
+        assert [e.seq for e in LogReader(pg_engine).read().entries] == [1]
+
+
+def test_a_read_waits_for_a_cycle_in_flight(pg_engine: sa.Engine) -> None:
+    """Another process mid-cycle (the state row locked) makes a read wait, not skip."""
+    with pg_engine.begin() as conn:
+        append(conn, "build_started", {"build_id": 1})
+    conninfo = pg_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    result: list[list[int]] = []
+    with psycopg.connect(conninfo) as other:
+        other.execute("SELECT * FROM herald_sequencer FOR UPDATE")
+        reader = threading.Thread(
+            target=lambda: result.append([e.seq for e in LogReader(pg_engine).read().entries])
+        )
+        reader.start()
+        time.sleep(0.5)
+        assert not result, "the read did not wait for the cycle in flight"
+        other.rollback()
+        reader.join(5)
+    assert result == [[1]]
 
 
 def test_savepoints(pg_engine: sa.Engine) -> None:

@@ -177,3 +177,9 @@ def _strings(value: Any) -> list[str]:
     if isinstance(value, list):
         return [s for v in value for s in _strings(v)]
     return []
+
+
+def test_lone_surrogates_are_bad_input() -> None:
+    """Valid JSON syntax ("\\ud800") that is not valid Unicode."""
+    with pytest.raises(InvalidPayload, match="not valid Unicode"):
+        validate_event("acme.x", json.loads('{"text": "\\ud800"}'))

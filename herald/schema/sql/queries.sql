@@ -22,10 +22,6 @@ SELECT pg_try_advisory_lock(:key) AS locked
 -- Give up the sequencer's session lock (on a clean stop).
 SELECT pg_advisory_unlock(:key) AS unlocked
 
--- sequencer_try_xact_lock --
--- A reader that finds no active sequencer takes the lock for one cycle only.
-SELECT pg_try_advisory_xact_lock(:key) AS locked
-
 -- sequencer_pending --
 -- How many events committed after the stored snapshot? A read, so an idle cycle writes nothing.
 SELECT count(*) AS pending FROM (
