@@ -29,10 +29,12 @@ def test_waker_returns_on_notify_and_on_timeout(pg_engine: sa.Engine) -> None:
             with pg_engine.begin() as conn:
                 conn.execute(sa.text("SELECT pg_notify('herald_log', 'not trusted')"))
 
-        threading.Thread(target=notify).start()
+        notifier = threading.Thread(target=notify)
+        notifier.start()
         started = time.monotonic()
         assert waker.wait(10) is True
         assert time.monotonic() - started < 2, "woken by the timeout, not by the NOTIFY"
+        notifier.join(5)
     finally:
         waker.close()
 
