@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
@@ -38,7 +39,7 @@ from herald.errors import InvalidPayload, VersionConflict
 from herald.schema import events, log_order
 from herald.schema.dberrors import translate
 
-__all__ = ["NewEvent", "append", "append_many"]
+__all__ = ["NewEvent", "Writer", "append", "append_many"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +57,13 @@ class NewEvent:
     aggregate_version: int | None = None
 
 
+#: What an append writes through: the caller's SQLAlchemy connection or ORM
+#: session, or (PostgreSQL) a plain psycopg 3 connection.
+Writer = sa.Connection | Session | psycopg.Connection[Any]
+
+
 def append(
-    conn: sa.Connection | Session,
+    conn: Writer,
     topic: str,
     payload: dict[str, Any],
     *,
@@ -75,16 +81,18 @@ def append(
     return append_many(conn, [event])[0]
 
 
-def append_many(conn: sa.Connection | Session, new_events: Iterable[NewEvent]) -> list[int]:
+def append_many(conn: Writer, new_events: Iterable[NewEvent]) -> list[int]:
     """Append events in ``conn``'s transaction, in order; returns their positions.
 
     A duplicate dedupe key (in the log already, or earlier in the same call)
     returns the position of the event that has it.
     """
-    connection = conn.connection() if isinstance(conn, Session) else conn
     rows = [_row(event) for event in new_events]
     if not rows:
         return []
+    if isinstance(conn, psycopg.Connection):
+        return _append_psycopg(conn, rows)
+    connection = conn.connection() if isinstance(conn, Session) else conn
     dialect = connection.dialect.name
     if dialect == "sqlite":
         now = datetime.now(UTC)
@@ -106,6 +114,50 @@ def append_many(conn: sa.Connection | Session, new_events: Iterable[NewEvent]) -
     except sa_exc.SQLAlchemyError as exc:
         raise translate(exc) from exc
     return positions
+
+
+def _append_psycopg(conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> list[int]:
+    """The same appends on a plain psycopg connection (PostgreSQL).
+
+    For writers that use psycopg directly: no SQLAlchemy on the path, and
+    many events go through psycopg's pipelined executemany (one network
+    round trip for the lot, not one per event).
+    """
+    positions: list[int] = []
+    try:
+        with conn.cursor() as cur:
+            for deduped, run in _runs(rows):
+                if not deduped:
+                    positions += _returned(cur, _PG_INSERT_ONE, [_pg_params(r) for r in run])
+                    continue
+                unique = _unique_keys(run)
+                found = _returned(cur, _PG_INSERT_DEDUPED, [_pg_params(r) for r in unique])
+                by_key = dict(zip([r["dedupe_key"] for r in unique], found, strict=True))
+                missing = [key for key, pos in by_key.items() if pos is None]
+                if missing:
+                    cur.execute(_PG_POSITIONS_OF, (missing,))
+                    by_key.update(cur.fetchall())
+                positions += [by_key[r["dedupe_key"]] for r in run]
+    except psycopg.errors.UniqueViolation as exc:
+        raise _conflict(exc, rows) from exc
+    except psycopg.Error as exc:
+        raise translate(exc) from exc
+    return positions
+
+
+def _returned(cur: psycopg.Cursor[Any], sql: str, params: list[tuple[Any, ...]]) -> list[Any]:
+    """Run ``sql`` for each parameter tuple; the first column it returned, or None."""
+    if len(params) == 1:
+        cur.execute(sql, params[0])
+        row = cur.fetchone()
+        return [row[0] if row else None]
+    cur.executemany(sql, params, returning=True)
+    found: list[Any] = []
+    while True:
+        row = cur.fetchone()
+        found.append(row[0] if row else None)
+        if not cur.nextset():
+            return found
 
 
 _LENGTHS = {
@@ -202,6 +254,23 @@ _PG_INSERT_ONE = (
 )
 
 
+_PG_INSERT_DEDUPED = _PG_INSERT_ONE.replace(
+    " RETURNING position",
+    " ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING RETURNING position",
+)
+_PG_POSITIONS_OF = f"SELECT dedupe_key, position FROM {events.name} WHERE dedupe_key = ANY(%s)"
+
+
+def _pg_params(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A row as the driver's parameters for _PG_INSERT_ONE (the payload as JSON text)."""
+    return tuple(
+        json.dumps(row[name], separators=(",", ":"), ensure_ascii=False)
+        if name == "payload"
+        else row[name]
+        for name in _PG_COLUMNS
+    )
+
+
 def _insert_postgresql(
     conn: sa.Connection, rows: list[dict[str, Any]], *, deduped: bool
 ) -> Inserted:
@@ -211,14 +280,7 @@ def _insert_postgresql(
             # The hot path (one event in a writer's transaction): one statement
             # straight to the driver, with the payload as JSON text. Compiling
             # the Core insert costs about as much client CPU as the round trip.
-            row = rows[0]
-            params = tuple(
-                json.dumps(row[name], separators=(",", ":"), ensure_ascii=False)
-                if name == "payload"
-                else row[name]
-                for name in _PG_COLUMNS
-            )
-            new = [conn.exec_driver_sql(_PG_INSERT_ONE, params).scalar_one()]
+            new = [conn.exec_driver_sql(_PG_INSERT_ONE, _pg_params(rows[0])).scalar_one()]
         else:
             stmt = sa.insert(events).returning(events.c.position, sort_by_parameter_order=True)
             new = list(conn.execute(stmt, rows).scalars())
@@ -289,11 +351,15 @@ def _order_on_sqlite(conn: sa.Connection, first_new: int) -> None:
     )
 
 
-_KEY_DETAIL = re.compile(r"\(aggregate_id, aggregate_version\)=\((.*), (\d+)\)")
+_KEY_DETAIL = re.compile(r"\(aggregate_id, aggregate_version\)=\((.*?), (\d+)\)")
 
 
-def _conflict(exc: sa_exc.IntegrityError, rows: Sequence[dict[str, Any]]) -> Exception:
-    text = str(exc.orig)
+def _conflict(
+    exc: sa_exc.IntegrityError | psycopg.Error, rows: Sequence[dict[str, Any]]
+) -> Exception:
+    orig = exc.orig if isinstance(exc, sa_exc.IntegrityError) else exc
+    diag = getattr(orig, "diag", None)
+    text = f"{orig} {getattr(diag, 'message_detail', '') or ''}"
     if "aggregate_version" not in text and "aggregate_id" not in text:
         return translate(exc)
     match = _KEY_DETAIL.search(text)

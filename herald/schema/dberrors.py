@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
 
+import psycopg
 import sqlalchemy.exc as sa_exc
 
 from herald.errors import (
@@ -44,8 +45,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(orig).__name__
 
 
-def translate(exc: sa_exc.SQLAlchemyError) -> HeraldError:
-    """The herald error for a SQLAlchemy/driver error."""
+def translate(exc: sa_exc.SQLAlchemyError | psycopg.Error) -> HeraldError:
+    """The herald error for a SQLAlchemy or psycopg error."""
     state = sqlstate(exc)
     message = _first_line(exc)
     if state == APPEND_ONLY_SQLSTATE:
@@ -54,9 +55,13 @@ def translate(exc: sa_exc.SQLAlchemyError) -> HeraldError:
         return NotMigrated()
     if state == _INVALID_PARAMETER and message.startswith("herald: "):
         return InvalidPayload("herald_append", message.removeprefix("herald: "))
-    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or (
-        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
-    ):
+    if isinstance(
+        exc,
+        sa_exc.OperationalError
+        | sa_exc.InterfaceError
+        | psycopg.OperationalError
+        | psycopg.InterfaceError,
+    ) or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated):
         if "readonly" in message or "read-only" in message or "disk" in message:
             # A read-only file or a full disk does not heal by retrying at once.
             return DatabaseError(f"the database refused the write: {message}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -180,3 +182,56 @@ def test_occurred_at_is_kept(engine: sa.Engine) -> None:
         append(conn, "build_started", {"build_id": 1}, occurred_at=when)
     (entry,) = read_all(engine)
     assert entry.occurred_at == when
+
+
+@pytest.fixture
+def psycopg_conn(pg_url: str) -> Iterator[psycopg.Connection[Any]]:
+    conninfo = sa.make_url(pg_url).set(drivername="postgresql").render_as_string(False)
+    with psycopg.connect(conninfo) as conn:
+        yield conn
+
+
+@pytest.mark.postgresql
+def test_append_through_a_plain_psycopg_connection(
+    pg_engine: sa.Engine, psycopg_conn: psycopg.Connection[Any]
+) -> None:
+    """Writers that use psycopg directly get the same appends, in their transaction."""
+    first = append(psycopg_conn, "build_finished", FINISHED, trace_id="t")
+    batch = [
+        NewEvent("build_queued", {"build_id": 1}),
+        NewEvent("acme.x", {"n": 1}, dedupe_key="k"),
+        NewEvent("acme.x", {"n": 2}, dedupe_key="k"),
+        NewEvent("cached_build_finished", {"eval_id": 1, "build_id": 1}),
+        *[NewEvent("build_queued", {"build_id": i}) for i in range(2, 2002)],
+    ]
+    positions = append_many(psycopg_conn, batch)
+    assert read_all(pg_engine) == [], "nothing is visible before the writer commits"
+    psycopg_conn.commit()
+    assert positions[1] == positions[2]
+    again = append_many(psycopg_conn, [NewEvent("acme.x", {"n": 3}, dedupe_key="k")])
+    assert again == [positions[1]]
+    append(psycopg_conn, "build_started", {"build_id": 9})
+    psycopg_conn.rollback()
+    entries = read_all(pg_engine)
+    assert [e.position for e in entries] == [first, *positions[:2], *positions[3:]]
+    assert entries[0].payload == FINISHED
+    assert entries[0].trace_id == "t"
+    assert entries[3].dedupe_key == "cached_build_finished:1:1"
+    assert [e.payload["build_id"] for e in entries[4:]] == list(range(2, 2002))
+
+
+@pytest.mark.postgresql
+def test_psycopg_errors_are_herald_errors(
+    pg_engine: sa.Engine, psycopg_conn: psycopg.Connection[Any]
+) -> None:
+    append(psycopg_conn, "build_started", {"build_id": 1}, aggregate_id="b-1", aggregate_version=1)
+    psycopg_conn.commit()
+    with pytest.raises(VersionConflict) as info:
+        append(
+            psycopg_conn, "build_started", {"build_id": 1}, aggregate_id="b-1", aggregate_version=1
+        )
+    assert (info.value.aggregate_id, info.value.version) == ("b-1", 1)
+    psycopg_conn.rollback()
+    with pytest.raises(InvalidTopic):
+        append(psycopg_conn, "buld_started", {"build_id": 1})
+    assert count_events(pg_engine) == 1
