@@ -20,6 +20,7 @@ __all__ = [
     "HeraldError",
     "InvalidPayload",
     "InvalidTopic",
+    "InvalidTransition",
     "NotMigrated",
     "PayloadTooLarge",
     "TransientDatabaseError",
@@ -96,6 +97,24 @@ class VersionConflict(HeraldError):
         )
         self.aggregate_id = aggregate_id
         self.version = version
+
+
+class InvalidTransition(HeraldError):
+    """The command does not apply to the aggregate in its current state; nothing changed."""
+
+    exit_code = 2
+
+    def __init__(self, aggregate: str, attempted: str, state: str, reason: str = "") -> None:
+        why = f" ({reason})" if reason else ""
+        super().__init__(
+            f"cannot {attempted} {aggregate}: it is {state}{why}",
+            aggregate=aggregate,
+            attempted=attempted,
+            state=state,
+        )
+        self.aggregate = aggregate
+        self.attempted = attempted
+        self.state = state
 
 
 class DatabaseError(HeraldError):

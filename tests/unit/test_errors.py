@@ -6,6 +6,7 @@ from herald.errors import (
     AppendOnlyViolation,
     ConfigError,
     HeraldError,
+    InvalidTransition,
     NotMigrated,
     PayloadTooLarge,
     UsageError,
@@ -31,3 +32,10 @@ def test_structured_fields() -> None:
     assert (error.aggregate_id, error.version) == ("build-1", 3)
     assert error.details == {"aggregate_id": "build-1", "version": 3}
     assert ConfigError("HERALD_DATABASE_URL", "x").setting == "HERALD_DATABASE_URL"
+
+
+def test_invalid_transition_says_what_and_where() -> None:
+    error = InvalidTransition("build 42", "finish", "finished", "status 0")
+    assert str(error) == "cannot finish build 42: it is finished (status 0)"
+    assert (error.aggregate, error.attempted, error.state) == ("build 42", "finish", "finished")
+    assert error.exit_code == 2
