@@ -1,0 +1,104 @@
+"""From domain events to log events: one table of topics.
+
+Every event of the farm's aggregates is appended to the log under a topic
+(:data:`TOPICS`): a catalogue topic where Hydra has a channel for it
+(``build_finished``), a custom ``herald.*`` topic where only herald records
+it (``herald.build_waiting``). The payload is the event's own arguments,
+that is its attributes without the library's bookkeeping
+(``originator_id``, ``originator_version``, ``timestamp``,
+``originator_topic``); the aggregate's id and version travel beside it, so
+a reader can order and deduplicate. Nothing here touches a database: the
+unit of work appends what :func:`to_log` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from herald.domain.build import Build
+from herald.domain.evaluation import Evaluation
+from herald.errors import UsageError
+
+__all__ = ["TOPICS", "LogEvent", "to_log", "to_log_all"]
+
+#: Each domain event class and the topic it is appended under.
+TOPICS: Final[Mapping[type, str]] = {
+    Evaluation.Started: "eval_started",
+    Evaluation.Added: "eval_added",
+    Evaluation.Cached: "eval_cached",
+    Evaluation.Failed: "eval_failed",
+    Build.Queued: "build_queued",
+    Build.Started: "build_started",
+    Build.StepStarted: "step_started",
+    Build.StepFinished: "step_finished",
+    Build.Finished: "build_finished",
+    Build.DependencyFailed: "herald.build_dependency_failed",
+    Build.Cancelled: "build_cancelled",
+    Build.Bumped: "build_bumped",
+    Build.Restarted: "build_restarted",
+    Build.WaitingForMessage: "herald.build_waiting",
+    Build.MessageReceived: "build_message_received",
+    Build.MessageApplied: "herald.build_message_applied",
+}
+
+#: The library's bookkeeping attributes: not part of a payload.
+_BOOKKEEPING: Final = frozenset(
+    {"originator_id", "originator_version", "timestamp", "originator_topic"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """A domain event as the log stores it."""
+
+    topic: str
+    payload: dict[str, Any]
+    #: the aggregate's UUID, as text
+    aggregate_id: str
+    #: the aggregate's version after this event (1 for the first)
+    aggregate_version: int
+    #: when the event happened (timezone-aware)
+    occurred_at: datetime
+
+
+def _topic_of(event: object) -> str:
+    for cls in type(event).__mro__:
+        topic = TOPICS.get(cls)
+        if topic is not None:
+            return topic
+    raise UsageError(f"no log topic for {type(event).__qualname__}: not a herald domain event")
+
+
+def _json_value(value: object) -> object:
+    """A copy of ``value`` with tuples as lists, so the payload is plain JSON data."""
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _json_value(item) for key, item in value.items()}
+    return value
+
+
+def to_log(event: Any) -> LogEvent:
+    """The log event for one domain event of :class:`Build` or :class:`Evaluation`.
+
+    Raises :class:`~herald.errors.UsageError` for any other object.
+    """
+    topic = _topic_of(event)
+    payload = {
+        name: _json_value(value) for name, value in vars(event).items() if name not in _BOOKKEEPING
+    }
+    return LogEvent(
+        topic=topic,
+        payload=payload,
+        aggregate_id=str(event.originator_id),
+        aggregate_version=event.originator_version,
+        occurred_at=event.timestamp,
+    )
+
+
+def to_log_all(events: Iterable[Any]) -> list[LogEvent]:
+    """:func:`to_log` for each event, in order (e.g. ``to_log_all(build.collect_events())``)."""
+    return [to_log(event) for event in events]
