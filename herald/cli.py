@@ -265,13 +265,8 @@ def _entries(
 ) -> Iterator[LogEntry]:
     if follow:
         yield from reader.follow(after, stop=stop)
-        return
-    while True:
-        page = reader.read(after)
-        yield from page.entries
-        after = page.next_after
-        if page.at_head:
-            return
+    else:
+        yield from reader.until_head(after)
 
 
 # -- topics ------------------------------------------------------------------

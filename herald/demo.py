@@ -32,7 +32,7 @@ def run_demo(
 ) -> None:
     """Append the burst and print what the log holds afterwards."""
     reader = LogReader(engine)
-    start_seq = _read_all(reader, 0)[-1].seq if _has_events(reader) else 0
+    start_seq = max((e.seq for e in reader.until_head(0, batch=10_000)), default=0)
     build_ids = list(range(1, builds + 1))
     failing = build_ids[0]
     # The builds that depend on the failing one finish with it ("dependency failed").
@@ -44,7 +44,7 @@ def run_demo(
     )
     _second_evaluation(engine)
     elapsed = time.perf_counter() - started
-    entries = _read_all(reader, start_seq)
+    entries = list(reader.until_head(start_seq))
 
     echo(
         f"herald demo: {len(entries)} events appended by {writers} concurrent writers "
@@ -151,20 +151,6 @@ def _second_evaluation(engine: sa.Engine) -> None:
         for build in (2, 2, 3):
             append(conn, "cached_build_finished", {"eval_id": _EVAL_ID + 1, "build_id": build})
         append(conn, "acme.cache.pushed", {"build_id": 2, "paths": 3}, delivery="ephemeral")
-
-
-def _has_events(reader: LogReader) -> bool:
-    return bool(reader.read(0, 1).entries)
-
-
-def _read_all(reader: LogReader, after: int) -> list[LogEntry]:
-    entries: list[LogEntry] = []
-    while True:
-        page = reader.read(after)
-        entries.extend(page.entries)
-        after = page.next_after
-        if page.at_head:
-            return entries
 
 
 def _line(entry: LogEntry) -> str:

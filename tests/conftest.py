@@ -75,26 +75,27 @@ def pg_template() -> Iterator[str]:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def pg_url(pg_template: str) -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database for one test (its URL)."""
+def _scratch_database(template: str | None = None) -> Iterator[str]:
+    """A new database (a copy of ``template``, or empty) for one test, dropped after it."""
     name = f"{PREFIX}_{uuid.uuid4().hex[:10]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
     with _admin() as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+        admin.execute(f'CREATE DATABASE "{name}"{clause}')
     yield _admin_url().set(database=name).render_as_string(hide_password=False)
     with _admin() as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for one test (its URL)."""
+    yield from _scratch_database(pg_template)
 
 
 @pytest.fixture
 def pg_empty_url() -> Iterator[str]:
     """An empty PostgreSQL database (no schema) for one test."""
-    name = f"{PREFIX}_{uuid.uuid4().hex[:10]}"
-    with _admin() as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield _admin_url().set(database=name).render_as_string(hide_password=False)
-    with _admin() as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from _scratch_database()
 
 
 @pytest.fixture(scope="session")

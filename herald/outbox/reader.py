@@ -216,6 +216,15 @@ class LogReader:
             conn.rollback()
             return page
 
+    def until_head(self, after: int = 0, *, batch: int = 1000) -> Iterator[LogEntry]:
+        """Yield every entry after ``after`` up to the head as it is now, page by page."""
+        while True:
+            page = self.read(after, batch)
+            yield from page.entries
+            after = page.next_after
+            if page.at_head:
+                return
+
     def follow(
         self,
         after: int = 0,

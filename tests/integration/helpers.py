@@ -15,11 +15,4 @@ def count_events(engine: sa.Engine) -> int:
 def read_all(
     engine: sa.Engine, after: int = 0, topics: TopicFilter | None = None
 ) -> list[LogEntry]:
-    reader = LogReader(engine, topics)
-    entries: list[LogEntry] = []
-    while True:
-        page = reader.read(after)
-        entries.extend(page.entries)
-        after = page.next_after
-        if page.at_head:
-            return entries
+    return list(LogReader(engine, topics).until_head(after))
