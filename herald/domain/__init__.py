@@ -22,7 +22,7 @@ from herald.domain.catalogue import (
     validate_topic,
 )
 from herald.domain.evaluation import Evaluation
-from herald.domain.log import TOPICS, LogEvent, to_log, to_log_all
+from herald.domain.log import TOPICS, LogEvent, from_log, replay, to_log, to_log_all
 
 __all__ = [
     "CATALOGUE",
@@ -36,7 +36,9 @@ __all__ = [
     "Evaluation",
     "LogEvent",
     "TopicSpec",
+    "from_log",
     "is_custom_topic",
+    "replay",
     "to_log",
     "to_log_all",
     "topic_filter_pattern_ok",

@@ -17,12 +17,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+from eventsourcing.utils import get_topic
 
 from herald.domain.build import Build
 from herald.domain.evaluation import Evaluation
 from herald.errors import UsageError
 
-__all__ = ["TOPICS", "LogEvent", "to_log", "to_log_all"]
+__all__ = ["TOPICS", "LogEvent", "from_log", "replay", "to_log", "to_log_all"]
 
 #: Each domain event class and the topic it is appended under.
 TOPICS: Final[Mapping[type, str]] = {
@@ -102,3 +106,32 @@ def to_log(event: Any) -> LogEvent:
 def to_log_all(events: Iterable[Any]) -> list[LogEvent]:
     """:func:`to_log` for each event, in order (e.g. ``to_log_all(build.collect_events())``)."""
     return [to_log(event) for event in events]
+
+
+#: Each topic and the domain event class it is read back as.
+_CLASSES: Final[Mapping[str, type]] = {topic: cls for cls, topic in TOPICS.items()}
+
+
+def from_log(event: LogEvent) -> Any:
+    """The domain event a log event was made from (the inverse of :func:`to_log`)."""
+    cls = _CLASSES.get(event.topic)
+    if cls is None:
+        raise UsageError(f"topic {event.topic!r} is not a domain event of herald's aggregates")
+    fields: dict[str, Any] = dict(event.payload)
+    if issubclass(cls, Aggregate.Created):
+        owner = Build if cls is Build.Queued else Evaluation
+        fields["originator_topic"] = get_topic(owner)
+    return cls(
+        originator_id=UUID(event.aggregate_id),
+        originator_version=event.aggregate_version,
+        timestamp=event.occurred_at,
+        **fields,
+    )
+
+
+def replay(events: Iterable[LogEvent]) -> Any:
+    """The aggregate that ``events`` (one aggregate's, in version order) make; None if none."""
+    aggregate = None
+    for event in events:
+        aggregate = from_log(event).mutate(aggregate)
+    return aggregate
