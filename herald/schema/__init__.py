@@ -12,7 +12,12 @@ This package imports nothing of herald but :mod:`herald.errors`.
 
 from herald.schema.tables import (
     NOTIFY_CHANNEL,
+    PROJECTIONS,
     SEQUENCER_LOCK_KEY,
+    build_messages,
+    build_steps,
+    builds,
+    evaluations,
     events,
     log_order,
     metadata,
@@ -22,7 +27,12 @@ from herald.schema.tables import (
 
 __all__ = [
     "NOTIFY_CHANNEL",
+    "PROJECTIONS",
     "SEQUENCER_LOCK_KEY",
+    "build_messages",
+    "build_steps",
+    "builds",
+    "evaluations",
     "events",
     "log_order",
     "metadata",

@@ -19,8 +19,13 @@ from sqlalchemy.types import UserDefinedType
 
 __all__ = [
     "NOTIFY_CHANNEL",
+    "PROJECTIONS",
     "SEQUENCER_LOCK_KEY",
     "XID8",
+    "build_messages",
+    "build_steps",
+    "builds",
+    "evaluations",
     "events",
     "log_order",
     "metadata",
@@ -168,3 +173,85 @@ topics = sa.Table(
     # {"field": "integer" | "string" | "integer[]" | "string?" | "integer?"}
     sa.Column("fields", _Json, nullable=False),
 )
+
+# -- projections: the farm's current state, rebuilt from the log alone -------------
+#
+# What a web page or a queue runner reads. The unit of work writes them in the
+# same transaction as the log rows of the events that changed them; `herald
+# projections rebuild` writes them again from the log. Prefixed herald_ because
+# herald may share a database with Hydra, whose own tables are `builds`,
+# `buildsteps` and `jobsetevals`.
+
+evaluations = sa.Table(
+    "herald_evaluations",
+    metadata,
+    sa.Column("aggregate_id", sa.String(36), primary_key=True),
+    sa.Column("trace_id", sa.String(100), nullable=False, unique=True),
+    sa.Column("jobset_id", sa.BigInteger(), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("eval_id", sa.BigInteger(), nullable=True),
+    sa.Column("new_builds", sa.Integer(), nullable=True),
+    sa.Column("cached_builds", sa.Integer(), nullable=True),
+    sa.Column("previous_eval_id", sa.BigInteger(), nullable=True),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("started_at", _Timestamp, nullable=False),
+    sa.Column("updated_at", _Timestamp, nullable=False),
+)
+
+builds = sa.Table(
+    "herald_builds",
+    metadata,
+    sa.Column("build_id", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("aggregate_id", sa.String(36), nullable=False, unique=True),
+    sa.Column("jobset_id", sa.BigInteger(), nullable=False),
+    sa.Column("job", sa.String(255), nullable=False),
+    sa.Column("drv_path", sa.Text(), nullable=False),
+    sa.Column("system", sa.String(64), nullable=False),
+    sa.Column("priority", sa.Integer(), nullable=False),
+    sa.Column("dependencies", _Json, nullable=False),
+    # queued | running | waiting | finished | cancelled
+    sa.Column("state", sa.String(16), nullable=False),
+    # Hydra's build status code once finished (0 succeeded, 1 failed, 2 dependency failed, …)
+    sa.Column("status", sa.SmallInteger(), nullable=True),
+    sa.Column("generation", sa.Integer(), nullable=False),
+    sa.Column("substituted", sa.Boolean(), nullable=False),
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("queued_at", _Timestamp, nullable=False),
+    sa.Column("started_at", _Timestamp, nullable=True),
+    sa.Column("finished_at", _Timestamp, nullable=True),
+    sa.Column("updated_at", _Timestamp, nullable=False),
+)
+sa.Index("ix_herald_builds_state", builds.c.state, builds.c.build_id)
+sa.Index("ix_herald_builds_jobset_id", builds.c.jobset_id)
+
+build_steps = sa.Table(
+    "herald_build_steps",
+    metadata,
+    sa.Column("build_id", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("generation", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("step_nr", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("machine", sa.String(255), nullable=False),
+    sa.Column("status", sa.SmallInteger(), nullable=True),
+    sa.Column("log_path", sa.Text(), nullable=True),
+    sa.Column("started_at", _Timestamp, nullable=False),
+    sa.Column("finished_at", _Timestamp, nullable=True),
+)
+
+build_messages = sa.Table(
+    "herald_build_messages",
+    metadata,
+    sa.Column("build_id", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("message_id", sa.String(200), primary_key=True),
+    # pass | fail | work
+    sa.Column("type", sa.String(8), nullable=False),
+    sa.Column("generation", sa.Integer(), nullable=False),
+    # pending | applied | ignored | stale
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text(), nullable=True),
+    sa.Column("received_at", _Timestamp, nullable=False),
+    sa.Column("updated_at", _Timestamp, nullable=False),
+)
+
+#: The projection tables, in the order `herald projections rebuild` empties them.
+PROJECTIONS: Final = (build_messages, build_steps, builds, evaluations)
