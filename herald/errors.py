@@ -24,6 +24,7 @@ __all__ = [
     "NotMigrated",
     "PayloadTooLarge",
     "TransientDatabaseError",
+    "UnknownAggregate",
     "UsageError",
     "VersionConflict",
 ]
@@ -97,6 +98,15 @@ class VersionConflict(HeraldError):
         )
         self.aggregate_id = aggregate_id
         self.version = version
+
+
+class UnknownAggregate(UsageError):
+    """No such build or evaluation in the log."""
+
+    def __init__(self, kind: str, key: object) -> None:
+        super().__init__(f"{kind} {key} does not exist", kind=kind, key=key)
+        self.kind = kind
+        self.key = key
 
 
 class InvalidTransition(HeraldError):

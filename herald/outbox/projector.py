@@ -1,0 +1,260 @@
+"""Projections: the farm's current state, derived from log events.
+
+:func:`project` applies domain log events (:class:`herald.domain.LogEvent`)
+to the projection tables (``herald_evaluations``, ``herald_builds``,
+``herald_build_steps``, ``herald_build_messages``). It is the one way those
+tables are written: the unit of work calls it in the same transaction as it
+appends the events, and ``herald projections rebuild`` calls it on the whole
+log, so a rebuilt database equals the original by construction and the
+check is whether the log holds everything.
+
+Consecutive events that need the same statement go in one executemany, so an
+evaluation that queues 50,000 builds is a few statements, not 50,000.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import cache
+from typing import Any
+
+import sqlalchemy as sa
+
+from herald.domain import LogEvent
+from herald.schema import build_messages, build_steps, builds, evaluations
+
+__all__ = ["PROJECTED_TOPICS", "project"]
+
+Op = tuple[sa.Executable, dict[str, Any]]
+
+
+@cache
+def _update(table: sa.Table, keys: tuple[str, ...], columns: tuple[str, ...]) -> sa.Update:
+    """``UPDATE table SET columns WHERE keys``, keys bound as ``k_<name>``."""
+    return (
+        sa.update(table)
+        .where(*(table.c[key] == sa.bindparam(f"k_{key}") for key in keys))
+        .values({column: sa.bindparam(column) for column in columns})
+    )
+
+
+@cache
+def _insert(table: sa.Table) -> sa.Insert:
+    return sa.insert(table)
+
+
+def _build(event: LogEvent, **changes: Any) -> Op:
+    """Update the build's row: ``changes`` plus its version and time."""
+    values = {**changes, "version": event.aggregate_version, "updated_at": event.occurred_at}
+    stmt = _update(builds, ("build_id",), tuple(sorted(values)))
+    return stmt, {"k_build_id": event.payload["build_id"], **values}
+
+
+def _evaluation(event: LogEvent, **changes: Any) -> Op:
+    values = {**changes, "version": event.aggregate_version, "updated_at": event.occurred_at}
+    stmt = _update(evaluations, ("aggregate_id",), tuple(sorted(values)))
+    return stmt, {"k_aggregate_id": event.aggregate_id, **values}
+
+
+def _eval_started(e: LogEvent) -> list[Op]:
+    row = {
+        "aggregate_id": e.aggregate_id,
+        "trace_id": e.payload["trace_id"],
+        "jobset_id": e.payload["jobset_id"],
+        "state": "running",
+        "eval_id": None,
+        "new_builds": None,
+        "cached_builds": None,
+        "previous_eval_id": None,
+        "error": None,
+        "version": e.aggregate_version,
+        "started_at": e.occurred_at,
+        "updated_at": e.occurred_at,
+    }
+    return [(_insert(evaluations), row)]
+
+
+def _build_queued(e: LogEvent) -> list[Op]:
+    p = e.payload
+    row = {
+        "build_id": p["build_id"],
+        "aggregate_id": e.aggregate_id,
+        "jobset_id": p["jobset_id"],
+        "job": p["job"],
+        "drv_path": p["drv_path"],
+        "system": p["system"],
+        "priority": p["priority"],
+        "dependencies": list(p["dependencies"]),
+        "state": "queued",
+        "status": None,
+        "generation": 1,
+        "substituted": False,
+        "version": e.aggregate_version,
+        "queued_at": e.occurred_at,
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": e.occurred_at,
+    }
+    return [(_insert(builds), row)]
+
+
+def _step_started(e: LogEvent) -> list[Op]:
+    p = e.payload
+    row = {
+        "build_id": p["build_id"],
+        "generation": p["generation"],
+        "step_nr": p["step_nr"],
+        "machine": p["machine"],
+        "status": None,
+        "log_path": None,
+        "started_at": e.occurred_at,
+        "finished_at": None,
+    }
+    return [(_insert(build_steps), row), _build(e)]
+
+
+def _step_finished(e: LogEvent) -> list[Op]:
+    p = e.payload
+    stmt = _update(
+        build_steps, ("build_id", "generation", "step_nr"), ("finished_at", "log_path", "status")
+    )
+    params = {
+        "k_build_id": p["build_id"],
+        "k_generation": p["generation"],
+        "k_step_nr": p["step_nr"],
+        "status": p["status"],
+        "log_path": p["log_path"],
+        "finished_at": e.occurred_at,
+    }
+    return [(stmt, params), _build(e)]
+
+
+def _restarted(e: LogEvent) -> list[Op]:
+    p = e.payload
+    ops = [
+        _build(
+            e,
+            state="queued",
+            status=None,
+            generation=p["generation"],
+            substituted=False,
+            started_at=None,
+            finished_at=None,
+        )
+    ]
+    stale = _update(build_messages, ("build_id", "message_id"), ("reason", "state", "updated_at"))
+    reason = f"the build was restarted (generation {p['generation']})"
+    ops += [
+        (
+            stale,
+            {
+                "k_build_id": p["build_id"],
+                "k_message_id": message_id,
+                "state": "stale",
+                "reason": reason,
+                "updated_at": e.occurred_at,
+            },
+        )
+        for message_id in p["stale_message_ids"]
+    ]
+    return ops
+
+
+def _message_received(e: LogEvent) -> list[Op]:
+    p = e.payload
+    row = {
+        "build_id": p["build_id"],
+        "message_id": p["message_id"],
+        "type": p["type"],
+        "generation": p["generation"],
+        "state": p["state"],
+        "reason": p["reason"],
+        "received_at": e.occurred_at,
+        "updated_at": e.occurred_at,
+    }
+    return [(_insert(build_messages), row), _build(e)]
+
+
+def _message_applied(e: LogEvent) -> list[Op]:
+    p = e.payload
+    stmt = _update(build_messages, ("build_id", "message_id"), ("state", "updated_at"))
+    params = {
+        "k_build_id": p["build_id"],
+        "k_message_id": p["message_id"],
+        "state": "applied",
+        "updated_at": e.occurred_at,
+    }
+    return [(stmt, params), _build(e)]
+
+
+_HANDLERS: dict[str, Callable[[LogEvent], list[Op]]] = {
+    "eval_started": _eval_started,
+    "eval_added": lambda e: [
+        _evaluation(
+            e,
+            state="added",
+            eval_id=e.payload["eval_id"],
+            new_builds=e.payload["new_builds"],
+            cached_builds=e.payload["cached_builds"],
+        )
+    ],
+    "eval_cached": lambda e: [
+        _evaluation(e, state="cached", previous_eval_id=e.payload["previous_eval_id"])
+    ],
+    "eval_failed": lambda e: [_evaluation(e, state="failed", error=e.payload["error"])],
+    "build_queued": _build_queued,
+    "build_started": lambda e: [_build(e, state="running", started_at=e.occurred_at)],
+    "step_started": _step_started,
+    "step_finished": _step_finished,
+    "build_finished": lambda e: [
+        _build(
+            e,
+            state="finished",
+            status=e.payload["status"],
+            substituted=e.payload["substituted"],
+            finished_at=e.occurred_at,
+        )
+    ],
+    "herald.build_dependency_failed": lambda e: [
+        _build(e, state="finished", status=2, finished_at=e.occurred_at)
+    ],
+    "build_cancelled": lambda e: [
+        _build(e, state="cancelled", status=4, finished_at=e.occurred_at)
+    ],
+    "build_bumped": lambda e: [_build(e, priority=e.payload["priority"])],
+    "build_restarted": _restarted,
+    "herald.build_waiting": lambda e: [_build(e, state="waiting")],
+    "build_message_received": _message_received,
+    "herald.build_message_applied": _message_applied,
+}
+
+#: The topics that change a projection.
+PROJECTED_TOPICS = frozenset(_HANDLERS)
+
+
+def project(conn: sa.Connection, log_events: Iterable[LogEvent]) -> int:
+    """Apply ``log_events`` (in log order) to the projections; returns how many applied.
+
+    Events of other topics (custom ones, notifications with no state) are
+    passed over. Runs in ``conn``'s transaction.
+    """
+    applied = 0
+    batch: list[dict[str, Any]] = []
+    current: sa.Executable | None = None
+
+    def flush() -> None:
+        if current is not None and batch:
+            conn.execute(current, batch)
+
+    for event in log_events:
+        handler = _HANDLERS.get(event.topic)
+        if handler is None:
+            continue
+        applied += 1
+        for stmt, params in handler(event):
+            if stmt is not current:
+                flush()
+                current, batch = stmt, []
+            batch.append(params)
+    flush()
+    return applied

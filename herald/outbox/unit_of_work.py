@@ -1,0 +1,139 @@
+"""The unit of work: load aggregates from the log, change them, save them.
+
+>>> with engine.begin() as conn:
+...     uow = UnitOfWork(conn)
+...     build = uow.build(42)
+...     build.finish(0)
+...     uow.save()
+
+Saving appends every new domain event to the log (with the aggregate's id
+and version) and applies it to the projections, in the caller's
+transaction: the state and its events commit together or not at all.
+Another writer that saved the same aggregate's next version first makes
+the save raise :class:`~herald.errors.VersionConflict`; roll back, and the
+transaction has written nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+from datetime import UTC
+from typing import Any, TypeVar
+from uuid import UUID
+
+import sqlalchemy as sa
+from eventsourcing.domain import Aggregate
+from sqlalchemy.orm import Session
+
+from herald.domain import Build, Evaluation, LogEvent, replay, to_log
+from herald.errors import UnknownAggregate
+from herald.outbox.append import NewEvent, append_many
+from herald.outbox.projector import project
+from herald.schema import events
+from herald.schema.dberrors import translated
+
+__all__ = ["UnitOfWork"]
+
+A = TypeVar("A", bound=Aggregate)
+
+
+class UnitOfWork:
+    """Aggregates loaded or created in one transaction, saved together."""
+
+    def __init__(self, conn: sa.Connection | Session) -> None:
+        self.conn = conn.connection() if isinstance(conn, Session) else conn
+        self._aggregates: dict[UUID, Aggregate] = {}
+
+    # -- loading ------------------------------------------------------------------------
+
+    def build(self, build_id: int) -> Build:
+        """Build ``build_id`` as its log events make it."""
+        return self.builds([build_id])[build_id]
+
+    def builds(self, build_ids: Iterable[int]) -> dict[int, Build]:
+        """Many builds, read in bulk (one query per 1,000)."""
+        wanted = {Build.id_for(build_id): build_id for build_id in build_ids}
+        loaded = self._load(list(wanted))
+        missing = [build_id for agg_id, build_id in wanted.items() if agg_id not in loaded]
+        if missing:
+            raise UnknownAggregate("build", missing[0])
+        return {wanted[agg_id]: agg for agg_id, agg in loaded.items()}
+
+    def evaluation(self, trace_id: str) -> Evaluation:
+        """The evaluation with ``trace_id`` as its log events make it."""
+        agg_id = Evaluation.id_for(trace_id)
+        loaded = self._load([agg_id])
+        if agg_id not in loaded:
+            raise UnknownAggregate("evaluation", trace_id)
+        evaluation: Evaluation = loaded[agg_id]
+        return evaluation
+
+    def add(self, aggregate: A) -> A:
+        """Take a new aggregate (``Build(...)``, ``Evaluation(...)``) into this unit of work."""
+        self._aggregates[aggregate.id] = aggregate
+        return aggregate
+
+    def _load(self, ids: Sequence[UUID]) -> dict[UUID, Any]:
+        found = {agg_id: self._aggregates[agg_id] for agg_id in ids if agg_id in self._aggregates}
+        todo = [str(agg_id) for agg_id in ids if agg_id not in found]
+        by_aggregate: dict[str, list[LogEvent]] = {}
+        with translated():
+            for chunk in (todo[i : i + 1000] for i in range(0, len(todo), 1000)):
+                stmt = (
+                    sa.select(
+                        events.c.topic,
+                        events.c.payload,
+                        events.c.aggregate_id,
+                        events.c.aggregate_version,
+                        events.c.occurred_at,
+                    )
+                    .where(events.c.aggregate_id.in_(chunk))
+                    .order_by(events.c.aggregate_id, events.c.aggregate_version)
+                )
+                for row in self.conn.execute(stmt):
+                    when = row.occurred_at
+                    if when.tzinfo is None:  # SQLite gives naive UTC times back
+                        when = when.replace(tzinfo=UTC)
+                    by_aggregate.setdefault(row.aggregate_id, []).append(
+                        LogEvent(
+                            row.topic, row.payload, row.aggregate_id, row.aggregate_version, when
+                        )
+                    )
+        for agg_id, log_events in by_aggregate.items():
+            aggregate = replay(log_events)
+            self._aggregates[UUID(agg_id)] = aggregate
+            found[UUID(agg_id)] = aggregate
+        return found
+
+    # -- saving -------------------------------------------------------------------------
+
+    def save(self, notifications: Iterable[NewEvent] = ()) -> list[int]:
+        """Append the new events of every aggregate, then ``notifications`` (events
+        of no aggregate, e.g. ``builds_added``), and update the projections.
+
+        Returns the positions of everything appended. Raises
+        :class:`~herald.errors.VersionConflict` if another writer got there first.
+        """
+        # The order the commands were given in, across aggregates; a merge, so
+        # that each aggregate's own events keep their version order whatever
+        # the clock did.
+        pending = heapq.merge(
+            *(agg.collect_events() for agg in self._aggregates.values()),
+            key=lambda event: event.timestamp,
+        )
+        log_events = [to_log(event) for event in pending]
+        new = [
+            NewEvent(
+                e.topic,
+                e.payload,
+                aggregate_id=e.aggregate_id,
+                aggregate_version=e.aggregate_version,
+                occurred_at=e.occurred_at,
+            )
+            for e in log_events
+        ]
+        positions = append_many(self.conn, [*new, *notifications])
+        with translated():
+            project(self.conn, log_events)
+        return positions
