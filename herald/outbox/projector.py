@@ -15,15 +15,24 @@ evaluation that queues 50,000 builds is a few statements, not 50,000.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC
 from functools import cache
 from typing import Any
 
 import sqlalchemy as sa
 
 from herald.domain import LogEvent
-from herald.schema import build_messages, build_steps, builds, evaluations
+from herald.schema import PROJECTIONS, build_messages, build_steps, builds, evaluations, events
 
-__all__ = ["PROJECTED_TOPICS", "project"]
+__all__ = [
+    "PROJECTED_TOPICS",
+    "Difference",
+    "check",
+    "log_event",
+    "project",
+    "rebuild",
+]
 
 Op = tuple[sa.Executable, dict[str, Any]]
 
@@ -258,3 +267,112 @@ def project(conn: sa.Connection, log_events: Iterable[LogEvent]) -> int:
             batch.append(params)
     flush()
     return applied
+
+
+def log_event(row: Any) -> LogEvent:
+    """A domain log event from a ``herald_events`` row (topic, payload, aggregate id and
+    version, occurred_at)."""
+    when = row.occurred_at
+    if when.tzinfo is None:  # SQLite gives naive UTC times back
+        when = when.replace(tzinfo=UTC)
+    return LogEvent(row.topic, row.payload, row.aggregate_id, row.aggregate_version, when)
+
+
+_DOMAIN_EVENTS = sa.select(
+    events.c.position,
+    events.c.topic,
+    events.c.payload,
+    events.c.aggregate_id,
+    events.c.aggregate_version,
+    events.c.occurred_at,
+).where(events.c.aggregate_id.is_not(None), events.c.topic.in_(sorted(PROJECTED_TOPICS)))
+
+
+def rebuild(
+    conn: sa.Connection,
+    *,
+    batch: int = 5000,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Empty the projections and apply every aggregate event of the log again.
+
+    Events are applied in position order: an aggregate's next version is
+    inserted only after its previous one committed, so position order keeps
+    each aggregate's version order (seq order may not, for two writers made
+    visible in one sequencer cycle). Events with no aggregate (notifications
+    appended by other writers) are not state and are passed over.
+    ``progress(done, total)`` is called after each batch. Runs in ``conn``'s
+    transaction; returns how many events were applied.
+    """
+    total = conn.execute(
+        sa.select(sa.func.count()).select_from(_DOMAIN_EVENTS.subquery())
+    ).scalar_one()
+    for table in PROJECTIONS:
+        conn.execute(sa.delete(table))
+    done, after = 0, 0
+    while True:
+        rows = conn.execute(
+            _DOMAIN_EVENTS.where(events.c.position > after).order_by(events.c.position).limit(batch)
+        ).all()
+        if not rows:
+            return done
+        done += project(conn, [log_event(row) for row in rows])
+        after = rows[-1].position
+        if progress is not None:
+            progress(done, total)
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    """A projection row that differs from what the log makes of it."""
+
+    table: str
+    key: tuple[Any, ...]
+    #: "missing" (the log makes it, the table lacks it), "extra" (the reverse),
+    #: or "changed" (both have it; ``columns`` says which differ)
+    kind: str
+    columns: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        key = ", ".join(map(str, self.key))
+        what = f"{self.kind} ({', '.join(self.columns)})" if self.columns else self.kind
+        return f"{self.table} [{key}]: {what}"
+
+
+def _snapshot(conn: sa.Connection, table: sa.Table) -> dict[tuple[Any, ...], dict[str, Any]]:
+    keys = [column.name for column in table.primary_key.columns]
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in conn.execute(sa.select(table)):
+        values = dict(row._mapping)
+        rows[tuple(values[key] for key in keys)] = values
+    return rows
+
+
+def check(conn: sa.Connection) -> list[Difference]:
+    """Rebuild the projections inside a savepoint, compare, and roll the rebuild back.
+
+    An empty list means the stored projections are exactly what the log makes.
+    """
+    stored = {table.name: _snapshot(conn, table) for table in PROJECTIONS}
+    savepoint = conn.begin_nested()
+    try:
+        rebuild(conn)
+        rebuilt = {table.name: _snapshot(conn, table) for table in PROJECTIONS}
+    finally:
+        savepoint.rollback()
+    differences: list[Difference] = []
+    for table in PROJECTIONS:
+        have, want = stored[table.name], rebuilt[table.name]
+        differences += [
+            Difference(table.name, key, "missing")
+            for key in sorted(want.keys() - have.keys(), key=repr)
+        ]
+        differences += [
+            Difference(table.name, key, "extra")
+            for key in sorted(have.keys() - want.keys(), key=repr)
+        ]
+        for key in sorted(have.keys() & want.keys(), key=repr):
+            changed = tuple(c for c in want[key] if have[key][c] != want[key][c])
+            if changed:
+                differences.append(Difference(table.name, key, "changed", changed))
+    return differences

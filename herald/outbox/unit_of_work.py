@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from datetime import UTC
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -29,7 +28,7 @@ from sqlalchemy.orm import Session
 from herald.domain import Build, Evaluation, LogEvent, replay, to_log
 from herald.errors import UnknownAggregate
 from herald.outbox.append import NewEvent, append_many
-from herald.outbox.projector import project
+from herald.outbox.projector import log_event, project
 from herald.schema import events
 from herald.schema.dberrors import translated
 
@@ -92,14 +91,7 @@ class UnitOfWork:
                     .order_by(events.c.aggregate_id, events.c.aggregate_version)
                 )
                 for row in self.conn.execute(stmt):
-                    when = row.occurred_at
-                    if when.tzinfo is None:  # SQLite gives naive UTC times back
-                        when = when.replace(tzinfo=UTC)
-                    by_aggregate.setdefault(row.aggregate_id, []).append(
-                        LogEvent(
-                            row.topic, row.payload, row.aggregate_id, row.aggregate_version, when
-                        )
-                    )
+                    by_aggregate.setdefault(row.aggregate_id, []).append(log_event(row))
         for agg_id, log_events in by_aggregate.items():
             aggregate = replay(log_events)
             self._aggregates[UUID(agg_id)] = aggregate
