@@ -279,13 +279,18 @@ def _delivery_rule(name: str, payload: dict[str, Any], delivery: str | None) -> 
     return spec.delivery
 
 
+#: A NUL character as JSON writes it: \u0000 after an even number of backslashes
+#: (an odd number means the backslash itself was escaped: the text "\\u0000").
+_NUL: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def _payload_json(name: str, payload: dict[str, Any]) -> str:
     """The compact JSON text that will be stored, within the size limit."""
     try:
         text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidPayload(name, f"not serialisable as JSON: {exc}") from exc
-    if "\\u0000" in text:
+    if _NUL.search(text):
         # PostgreSQL's jsonb cannot store NUL characters; refuse them everywhere alike.
         raise InvalidPayload(name, "contains a NUL character (\\u0000)")
     try:

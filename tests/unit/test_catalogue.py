@@ -183,3 +183,15 @@ def test_lone_surrogates_are_bad_input() -> None:
     """Valid JSON syntax ("\\ud800") that is not valid Unicode."""
     with pytest.raises(InvalidPayload, match="not valid Unicode"):
         validate_event("acme.x", json.loads('{"text": "\\ud800"}'))
+
+
+@pytest.mark.parametrize(
+    ("text", "refused"),
+    [("a\x00b", True), ("\\u0000", False), ("\\\x00", True), ("\\\\u0000", False)],
+)
+def test_only_real_nul_characters_are_refused(text: str, refused: bool) -> None:
+    if refused:
+        with pytest.raises(InvalidPayload, match="NUL"):
+            validate_event("acme.x", {"k": text})
+    else:
+        assert validate_event("acme.x", {text: text})
