@@ -23,7 +23,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from herald.domain import LogEvent
-from herald.schema import PROJECTIONS, build_messages, build_steps, builds, evaluations, events
+from herald.schema import (
+    PROJECTIONS,
+    build_dependencies,
+    build_messages,
+    build_steps,
+    builds,
+    evaluations,
+    events,
+)
 
 __all__ = [
     "PROJECTED_TOPICS",
@@ -104,7 +112,11 @@ def _build_queued(e: LogEvent) -> list[Op]:
         "finished_at": None,
         "updated_at": e.occurred_at,
     }
-    return [(_insert(builds), row)]
+    edges = [
+        (_insert(build_dependencies), {"build_id": p["build_id"], "depends_on": d})
+        for d in p["dependencies"]
+    ]
+    return [(_insert(builds), row), *edges]
 
 
 def _step_started(e: LogEvent) -> list[Op]:
@@ -247,13 +259,18 @@ def project(conn: sa.Connection, log_events: Iterable[LogEvent]) -> int:
     Events of other topics (custom ones, notifications with no state) are
     passed over. Runs in ``conn``'s transaction.
     """
+    # Batching: an INSERT makes a new row, which no earlier statement can have
+    # touched, so it joins its statement's batch whatever came between. An
+    # UPDATE may touch rows that earlier statements wrote, so it waits for
+    # everything before it, unless it repeats the statement just before it.
     applied = 0
-    batch: list[dict[str, Any]] = []
-    current: sa.Executable | None = None
+    pending: dict[sa.Executable, list[dict[str, Any]]] = {}
+    last: sa.Executable | None = None
 
     def flush() -> None:
-        if current is not None and batch:
-            conn.execute(current, batch)
+        for stmt, batch in pending.items():
+            conn.execute(stmt, batch)
+        pending.clear()
 
     for event in log_events:
         handler = _HANDLERS.get(event.topic)
@@ -261,10 +278,10 @@ def project(conn: sa.Connection, log_events: Iterable[LogEvent]) -> int:
             continue
         applied += 1
         for stmt, params in handler(event):
-            if stmt is not current:
+            if not isinstance(stmt, sa.Insert) and stmt is not last:
                 flush()
-                current, batch = stmt, []
-            batch.append(params)
+            pending.setdefault(stmt, []).append(params)
+            last = stmt
     flush()
     return applied
 

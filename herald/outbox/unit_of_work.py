@@ -43,6 +43,7 @@ class UnitOfWork:
     def __init__(self, conn: sa.Connection | Session) -> None:
         self.conn = conn.connection() if isinstance(conn, Session) else conn
         self._aggregates: dict[UUID, Aggregate] = {}
+        self._notifications: list[NewEvent] = []
 
     # -- loading ------------------------------------------------------------------------
 
@@ -72,6 +73,11 @@ class UnitOfWork:
         """Take a new aggregate (``Build(...)``, ``Evaluation(...)``) into this unit of work."""
         self._aggregates[aggregate.id] = aggregate
         return aggregate
+
+    def notify(self, event: NewEvent) -> None:
+        """Append ``event`` (a notification of no aggregate, e.g. ``builds_added``) on save,
+        after the aggregates' events."""
+        self._notifications.append(event)
 
     def _load(self, ids: Sequence[UUID]) -> dict[UUID, Any]:
         found = {agg_id: self._aggregates[agg_id] for agg_id in ids if agg_id in self._aggregates}
@@ -125,7 +131,8 @@ class UnitOfWork:
             )
             for e in log_events
         ]
-        positions = append_many(self.conn, [*new, *notifications])
+        positions = append_many(self.conn, [*new, *self._notifications, *notifications])
+        self._notifications.clear()
         with translated():
             project(self.conn, log_events)
         return positions

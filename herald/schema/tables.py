@@ -22,6 +22,7 @@ __all__ = [
     "PROJECTIONS",
     "SEQUENCER_LOCK_KEY",
     "XID8",
+    "build_dependencies",
     "build_messages",
     "build_steps",
     "builds",
@@ -225,6 +226,16 @@ builds = sa.Table(
 sa.Index("ix_herald_builds_state", builds.c.state, builds.c.build_id)
 sa.Index("ix_herald_builds_jobset_id", builds.c.jobset_id)
 
+#: Which build depends on which: the edges of the dependency graph, indexed by
+#: the build depended on, so that a failure finds its dependents at once.
+build_dependencies = sa.Table(
+    "herald_build_dependencies",
+    metadata,
+    sa.Column("build_id", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("depends_on", sa.BigInteger(), primary_key=True, autoincrement=False),
+)
+sa.Index("ix_herald_build_dependencies_depends_on", build_dependencies.c.depends_on)
+
 build_steps = sa.Table(
     "herald_build_steps",
     metadata,
@@ -254,4 +265,4 @@ build_messages = sa.Table(
 )
 
 #: The projection tables, in the order `herald projections rebuild` empties them.
-PROJECTIONS: Final = (build_messages, build_steps, builds, evaluations)
+PROJECTIONS: Final = (build_messages, build_steps, build_dependencies, builds, evaluations)

@@ -66,6 +66,17 @@ def upgrade() -> None:
     op.create_index("ix_herald_builds_state", "herald_builds", ["state", "build_id"])
     op.create_index("ix_herald_builds_jobset_id", "herald_builds", ["jobset_id"])
     op.create_table(
+        "herald_build_dependencies",
+        sa.Column("build_id", sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.Column("depends_on", sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.PrimaryKeyConstraint(
+            "build_id", "depends_on", name=op.f("pk_herald_build_dependencies")
+        ),
+    )
+    op.create_index(
+        "ix_herald_build_dependencies_depends_on", "herald_build_dependencies", ["depends_on"]
+    )
+    op.create_table(
         "herald_build_steps",
         sa.Column("build_id", sa.BigInteger(), autoincrement=False, nullable=False),
         sa.Column("generation", sa.Integer(), autoincrement=False, nullable=False),
@@ -96,6 +107,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("herald_build_messages")
     op.drop_table("herald_build_steps")
+    op.drop_index("ix_herald_build_dependencies_depends_on", table_name="herald_build_dependencies")
+    op.drop_table("herald_build_dependencies")
     op.drop_index("ix_herald_builds_jobset_id", table_name="herald_builds")
     op.drop_index("ix_herald_builds_state", table_name="herald_builds")
     op.drop_table("herald_builds")

@@ -1,0 +1,128 @@
+"""The farm's operations that span several aggregates.
+
+A build that fails takes its queued dependents with it (Hydra: they finish
+as "dependency failed", status 2, and the failing build's
+``build_finished`` lists them); an evaluation queues its new builds and
+announces the builds it shares with earlier evaluations. Each operation
+works inside a :class:`UnitOfWork`; the caller saves it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from herald.domain import Build, Evaluation
+from herald.outbox.append import NewEvent
+from herald.outbox.unit_of_work import UnitOfWork
+from herald.schema import build_dependencies, builds
+from herald.schema.dberrors import translated
+
+__all__ = ["NewBuild", "add_evaluation", "finish_build", "queued_dependents"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewBuild:
+    """A build an evaluation adds to the queue."""
+
+    build_id: int
+    job: str
+    drv_path: str
+    system: str
+    priority: int = 100
+    dependencies: Sequence[int] = field(default_factory=tuple)
+
+
+def queued_dependents(conn: sa.Connection, build_id: int) -> list[int]:
+    """The queued builds that depend on ``build_id``, directly or through other queued
+    builds, as the projections say (one indexed query per level of the graph)."""
+    found: set[int] = set()
+    frontier = [build_id]
+    with translated():
+        while frontier:
+            # Two index-driven steps, not a join: planners (SQLite's at least)
+            # would drive a join from every queued build instead of the edges.
+            edges = _chunked_select(
+                conn, build_dependencies.c.build_id, build_dependencies.c.depends_on, frontier
+            )
+            queued = _chunked_select(
+                conn,
+                builds.c.build_id,
+                builds.c.build_id,
+                sorted(set(edges) - found),
+                builds.c.state == "queued",
+            )
+            found.update(queued)
+            frontier = sorted(set(queued))
+    found.discard(build_id)
+    return sorted(found)
+
+
+def _chunked_select(
+    conn: sa.Connection,
+    column: sa.ColumnElement[int],
+    key: sa.ColumnElement[int],
+    values: Sequence[int],
+    *where: sa.ColumnElement[bool],
+) -> list[int]:
+    """``SELECT column WHERE key IN values AND where``, 1,000 values a query."""
+    found: list[int] = []
+    for i in range(0, len(values), 1000):
+        stmt = sa.select(column).where(key.in_(values[i : i + 1000]), *where)
+        found += conn.execute(stmt).scalars()
+    return found
+
+
+def finish_build(uow: UnitOfWork, build_id: int, status: int) -> Build:
+    """Finish ``build_id`` with Hydra ``status``; on a failure, its queued dependents
+    finish with it as "dependency failed" and its ``build_finished`` lists them."""
+    build = uow.build(build_id)
+    candidates = [] if status == 0 else queued_dependents(uow.conn, build_id)
+    # The aggregates have the last word: a dependent that left the queue since
+    # the projection was read is neither failed nor listed.
+    dependents = sorted(b for b, dep in uow.builds(candidates).items() if dep.state == "queued")
+    build.finish(status, dependents)
+    for dependent in uow.builds(dependents).values():
+        dependent.fail_because_of(build_id)
+    return build
+
+
+def add_evaluation(
+    uow: UnitOfWork,
+    trace_id: str,
+    eval_id: int,
+    new_builds: Iterable[NewBuild],
+    cached_build_ids: Iterable[int] = (),
+) -> Evaluation:
+    """Record the evaluation ``trace_id`` (started earlier) as added with ``eval_id``.
+
+    Queues ``new_builds`` (``build_queued`` each, then one ``builds_added``
+    with the lowest new id) and announces each build it shares with earlier
+    evaluations as ``cached_build_finished`` or ``cached_build_queued`` (once
+    per evaluation and build, however often this is called).
+    """
+    evaluation = uow.evaluation(trace_id)
+    added = [
+        uow.add(
+            Build(
+                spec.build_id,
+                evaluation.jobset_id,
+                spec.job,
+                spec.drv_path,
+                spec.system,
+                spec.priority,
+                list(spec.dependencies),
+            )
+        )
+        for spec in new_builds
+    ]
+    cached = uow.builds(cached_build_ids)
+    evaluation.add(eval_id, len(added), len(cached))
+    if added:
+        uow.notify(NewEvent("builds_added", {"build_id": min(b.build_id for b in added)}))
+    for build_id, build in sorted(cached.items()):
+        topic = "cached_build_finished" if build.state == "finished" else "cached_build_queued"
+        uow.notify(NewEvent(topic, {"eval_id": eval_id, "build_id": build_id}))
+    return evaluation
