@@ -22,8 +22,8 @@ demo: $(STAMP)
 	@HERALD_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/herald db upgrade
 	@HERALD_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/herald demo
 	@echo
-	@echo "The first 15 entries of the log (herald log --limit 15):"
-	@HERALD_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/herald log --limit 15
+	@echo "The evaluations, as the log has them (herald log --topic 'eval_*'):"
+	@HERALD_DATABASE_URL=sqlite:///$(DEMO_DB) $(BIN)/herald log --topic 'eval_*'
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
