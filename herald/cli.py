@@ -14,27 +14,46 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
 
 import click
 import sqlalchemy as sa
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from herald import __version__
 from herald.config import DATABASE_URL_SETTING, DEFAULT_DATABASE_URL, check_connection
 from herald.config import create_engine as _create_engine
-from herald.domain import CATALOGUE, DELIVERIES, MAX_PAYLOAD_BYTES, TOPIC_PATTERN
-from herald.errors import HeraldError, NotMigrated, UsageError
-from herald.outbox import LogEntry, LogReader, TopicFilter, append, run_sequencer, sync_catalogue
+from herald.domain import CATALOGUE, DELIVERIES, MAX_PAYLOAD_BYTES, TOPIC_PATTERN, hydra_form
+from herald.domain.build import MESSAGE_TYPES, STATUS_NAMES, STEP_STATUS_NAMES, status_text
+from herald.errors import HeraldError, NotMigrated, UnknownAggregate, UsageError, VersionConflict
+from herald.outbox import (
+    LogEntry,
+    LogReader,
+    TopicFilter,
+    UnitOfWork,
+    append,
+    run_sequencer,
+    sync_catalogue,
+)
 from herald.outbox.reader import MAX_SEQ
-from herald.schema import migrate
+from herald.schema import build_messages, build_steps, builds, migrate
 from herald.schema.dberrors import translated
 
-__all__ = ["cli", "main"]
+__all__ = ["SentMessage", "build_view", "cli", "main", "send_message"]
 
 CONTEXT = {
     "auto_envvar_prefix": "HERALD",
@@ -62,8 +81,20 @@ class State:
                     raise NotMigrated()
         return self._engine
 
+    def close(self) -> None:
+        """Dispose of the engine, if one was made (the command is over)."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
 
 pass_state = click.make_pass_decorator(State)
+
+#: ``herald log --format``: the human line, one JSON object, Hydra's tab-separated form.
+LOG_FORMATS: Final = ("text", "json", "hydra")
+
+#: The largest id a build or generation can have (PostgreSQL's BIGINT).
+MAX_ID: Final = 2**63 - 1
 
 
 @click.group(context_settings=CONTEXT)
@@ -99,7 +130,8 @@ def cli(ctx: click.Context, database_url: str | None, debug: bool) -> None:
     if not debug:
         # Alembic narrates every migration context at INFO; herald says what matters itself.
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    ctx.obj = State(database_url)
+    ctx.obj = state = State(database_url)
+    ctx.call_on_close(state.close)
 
 
 # -- db ---------------------------------------------------------------------
@@ -231,7 +263,15 @@ def _format(entry: LogEntry) -> str:
     help="Only these topics; * is a wildcard (build_*). Repeatable.",
 )
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events as they arrive.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    help="text: one line an event; json: one JSON object a line; hydra: `topic<TAB>` and "
+    "Hydra's tab-separated payload (events without one are skipped).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @pass_state
 def log_command(
     state: State,
@@ -239,25 +279,61 @@ def log_command(
     limit: int | None,
     topics: tuple[str, ...],
     follow: bool,
+    output_format: str,
     as_json: bool,
 ) -> None:
     """Print the log from any seq, oldest first.
 
-    Lines are `seq  recorded_at  topic  payload`; with --json one object a
-    line with seq, position, topic, payload, delivery, dedupe_key,
-    aggregate_id, aggregate_version, trace_id, occurred_at, recorded_at.
+    Lines are `seq  recorded_at  topic  payload`; with --format json (or
+    --json) one object a line with seq, position, topic, payload, delivery,
+    dedupe_key, aggregate_id, aggregate_version, trace_id, occurred_at,
+    recorded_at; with --format hydra `topic<TAB>values`, the values as Hydra's
+    NOTIFY sends them (custom and herald.* topics have no such form and are
+    skipped). --limit counts the lines printed.
     """
+    render = _log_renderer(_log_format(output_format, as_json))
     reader = LogReader(state.engine(), TopicFilter(topics))
     stop = threading.Event()
     printed = 0
     with _stop_on_signals(stop):
         for entry in _entries(reader, from_seq - 1, follow, stop):
-            click.echo(
-                json.dumps(entry.to_json(), ensure_ascii=False) if as_json else _format(entry)
-            )
+            line = render(entry)
+            if line is None:
+                continue
+            click.echo(line)
             printed += 1
             if limit is not None and printed >= limit:
                 break
+
+
+def _log_format(output_format: str, as_json: bool) -> str:
+    """The format asked for: ``--json`` is ``--format json``; both on the command line
+    with different formats is a usage error, ``--json`` wins over the environment."""
+    if not as_json:
+        return output_format
+    ctx = click.get_current_context()
+    given = ctx.get_parameter_source("output_format") == click.core.ParameterSource.COMMANDLINE
+    if given and output_format != "json":
+        raise click.UsageError(
+            f"--json is --format json; it cannot be combined with --format {output_format}", ctx
+        )
+    return "json"
+
+
+def _log_renderer(output_format: str) -> Callable[[LogEntry], str | None]:
+    """The line for one entry in ``output_format`` (None: print nothing for it)."""
+    if output_format == "json":
+        return lambda entry: json.dumps(entry.to_json(), ensure_ascii=False)
+    if output_format == "hydra":
+        return _hydra_line
+    return _format
+
+
+def _hydra_line(entry: LogEntry) -> str | None:
+    try:
+        return f"{entry.topic}\t{hydra_form(entry.topic, entry.payload)}"
+    except UsageError:
+        return None  # a custom or herald.* topic: Hydra never had it
 
 
 def _entries(
@@ -308,6 +384,339 @@ def topics_command(as_json: bool) -> None:
         "(acme.deploy_started) and take any JSON object. "
         f"Payloads are at most {MAX_PAYLOAD_BYTES} bytes of JSON."
     )
+
+
+# -- message -----------------------------------------------------------------
+
+#: How often ``herald message send`` tries when another writer changed the build
+#: between its read and its write (each try reloads the build and applies again).
+MESSAGE_SEND_ATTEMPTS: Final = 3
+#: The longest a message id can be (the projection's column).
+MAX_MESSAGE_ID_LENGTH: Final = 200
+
+_log = logging.getLogger("herald.cli")
+
+
+@dataclass(frozen=True, slots=True)
+class SentMessage:
+    """What ``herald message send`` did: the message's state and the build's."""
+
+    build_id: int
+    message_id: str
+    type: str
+    generation: int
+    #: pending | applied | ignored | stale
+    state: str
+    reason: str | None
+    #: the id had been received before: nothing changed
+    already_received: bool
+    #: this message finished the build (a pass or fail applied to a waiting build)
+    build_finished: bool
+    build_state: str
+    build_status: int | None
+    build_generation: int
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        build = {
+            "state": data.pop("build_state"),
+            "status": data.pop("build_status"),
+            "generation": data.pop("build_generation"),
+        }
+        build["status_name"] = _status_name(build["status"])
+        return {**data, "build": build}
+
+
+def _status_name(status: int | None, names: Mapping[int, str] = STATUS_NAMES) -> str | None:
+    return None if status is None else names.get(status, "unknown")
+
+
+def _check_message_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    if value is None:
+        return uuid.uuid4().hex
+    if not value or len(value) > MAX_MESSAGE_ID_LENGTH:
+        raise click.BadParameter(f"must be 1 to {MAX_MESSAGE_ID_LENGTH} characters")
+    if not value.isprintable():
+        raise click.BadParameter("must not contain control characters")
+    return value
+
+
+def _send_once(
+    engine: sa.Engine, build_id: int, message_id: str, message_type: str, generation: int | None
+) -> SentMessage:
+    """One try: load the build, record the message, save, all in one transaction."""
+    with engine.begin() as conn:
+        uow = UnitOfWork(conn)
+        build = uow.build(build_id)
+        known = build.messages.get(message_id)
+        if known is not None and (
+            known["type"] != message_type
+            or (generation is not None and known["generation"] != generation)
+        ):
+            raise UsageError(
+                f"message {message_id} was already received by build {build_id} as a "
+                f"{known['type']} message for generation {known['generation']}; "
+                "a message id names one message (send a new one with another --id)"
+            )
+        was_finished = build.state == "finished"
+        state = build.receive_message(message_id, message_type, generation)
+        uow.save()
+    message = build.messages[message_id]
+    return SentMessage(
+        build_id=build_id,
+        message_id=message_id,
+        type=message["type"],
+        generation=message["generation"],
+        state=state,
+        reason=message["reason"],
+        already_received=known is not None,
+        build_finished=known is None and not was_finished and build.state == "finished",
+        build_state=build.state,
+        build_status=build.status,
+        build_generation=build.generation,
+    )
+
+
+def _log_conflict(retry_state: RetryCallState) -> None:
+    _log.debug(
+        "build changed by another writer meanwhile; retrying (attempt %d of %d)",
+        retry_state.attempt_number + 1,
+        MESSAGE_SEND_ATTEMPTS,
+    )
+
+
+def send_message(
+    engine: sa.Engine,
+    build_id: int,
+    message_id: str,
+    message_type: str,
+    generation: int | None = None,
+) -> SentMessage:
+    """Record a Harbormaster message to build ``build_id`` through the unit of work.
+
+    A :class:`~herald.errors.VersionConflict` (another writer saved the build
+    between this one's read and its write; nothing was written) is retried,
+    with a fresh read each time, up to :data:`MESSAGE_SEND_ATTEMPTS` times in
+    all; the last one is raised. Receiving an id again changes nothing, so a
+    retry never records a message twice.
+    """
+    retrying = Retrying(
+        retry=retry_if_exception_type(VersionConflict),
+        stop=stop_after_attempt(MESSAGE_SEND_ATTEMPTS),
+        wait=wait_random_exponential(multiplier=0.02, max=0.2),
+        before_sleep=_log_conflict,
+        reraise=True,
+    )
+    return retrying(_send_once, engine, build_id, message_id, message_type, generation)
+
+
+def _describe_sent(sent: SentMessage) -> list[str]:
+    head = (
+        f"message {sent.message_id} to build {sent.build_id} "
+        f"({sent.type}, generation {sent.generation}): {sent.state}"
+    )
+    if sent.reason:
+        head += f": {sent.reason}"
+    elif sent.state == "pending":
+        head += " (kept until the build waits for a message)"
+    if sent.already_received:
+        head += " (already received; nothing changed)"
+    lines = [head]
+    if sent.build_finished:
+        lines.append(f"build {sent.build_id} finished: {status_text(sent.build_status)}")
+    return lines
+
+
+@cli.group("message")
+def message_group() -> None:
+    """Harbormaster messages: pass, fail or work for a build waiting for one."""
+
+
+@message_group.command("send")
+@click.argument("build_id", metavar="BUILD", type=click.IntRange(min=1, max=MAX_ID))
+@click.option(
+    "--type",
+    "message_type",
+    type=click.Choice(MESSAGE_TYPES),
+    required=True,
+    help="pass or fail finishes a waiting build (status 0 or 1); work keeps it waiting.",
+)
+@click.option(
+    "--generation",
+    type=click.IntRange(min=1, max=MAX_ID),
+    default=None,
+    metavar="N",
+    help="The generation of the build the message is for "
+    "(a message to an earlier one is stale) [default: the current one]",
+    show_default=False,
+)
+@click.option(
+    "--id",
+    "message_id",
+    default=None,
+    callback=_check_message_id,
+    metavar="MESSAGE_ID",
+    help="The message's id; sending the same id again changes nothing [default: a new random id]",
+    show_default=False,
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def message_send(
+    state: State,
+    build_id: int,
+    message_type: str,
+    generation: int | None,
+    message_id: str,
+    as_json: bool,
+) -> None:
+    """Send a pass / fail / work message to BUILD and print what became of it.
+
+    A message that arrives before the build waits is kept (pending) and
+    applied when it does; otherwise it is applied, ignored (with the reason)
+    or stale (sent to an earlier generation of a restarted build).
+    """
+    sent = send_message(state.engine(), build_id, message_id, message_type, generation)
+    if as_json:
+        click.echo(json.dumps(sent.to_json(), ensure_ascii=False))
+    else:
+        for line in _describe_sent(sent):
+            click.echo(line)
+
+
+# -- build -------------------------------------------------------------------
+
+
+def _json_value(value: Any) -> Any:
+    """A projection value as JSON: times in ISO 8601, UTC."""
+    if isinstance(value, datetime):
+        return _utc(value).isoformat()
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite gives naive UTC times back; PostgreSQL its session's zone.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return _utc(value).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+
+
+def build_view(conn: sa.Connection, build_id: int) -> dict[str, Any]:
+    """Build ``build_id`` as the projections show it: its ``herald_builds`` row, the
+    ``steps`` of its current generation and all its ``messages``, as JSON data."""
+    with translated():
+        row = conn.execute(sa.select(builds).where(builds.c.build_id == build_id)).one_or_none()
+        if row is None:
+            raise UnknownAggregate("build", build_id)
+        steps = conn.execute(
+            sa.select(build_steps)
+            .where(
+                build_steps.c.build_id == build_id,
+                build_steps.c.generation == row.generation,
+            )
+            .order_by(build_steps.c.step_nr)
+        )
+        messages = conn.execute(
+            sa.select(build_messages)
+            .where(build_messages.c.build_id == build_id)
+            .order_by(build_messages.c.received_at, build_messages.c.message_id)
+        )
+        view = {key: _json_value(value) for key, value in row._mapping.items()}
+        view["status_name"] = _status_name(row.status)
+        view["steps"] = [
+            {
+                **{key: _json_value(value) for key, value in step._mapping.items()},
+                "status_name": _status_name(step.status, STEP_STATUS_NAMES),
+            }
+            for step in steps
+        ]
+        view["messages"] = [
+            {key: _json_value(value) for key, value in message._mapping.items()}
+            for message in messages
+        ]
+    return view
+
+
+#: How many dependencies ``herald build show`` lists before it counts the rest.
+_SHOWN_DEPENDENCIES: Final = 20
+
+
+def _describe_build(view: dict[str, Any]) -> list[str]:
+    state = view["state"]
+    headline = {"waiting": "waiting for a message"}.get(state, state)
+    if view["status"] is not None:
+        headline += f", status {view['status']} ({view['status_name']})"
+    if view["substituted"]:
+        headline += ", outputs substituted"
+    deps: list[int] = view["dependencies"]
+    shown = ", ".join(str(dep) for dep in deps[:_SHOWN_DEPENDENCIES])
+    if len(deps) > _SHOWN_DEPENDENCIES:
+        shown += f", … ({len(deps) - _SHOWN_DEPENDENCIES} more)"
+    fields = [
+        ("job", f"{view['job']} (jobset {view['jobset_id']})"),
+        ("derivation", view["drv_path"]),
+        ("system", view["system"]),
+        ("priority", str(view["priority"])),
+        ("generation", str(view["generation"])),
+        ("dependencies", shown or "none"),
+        ("queued", _when_text(view["queued_at"])),
+        ("started", _when_text(view["started_at"])),
+        ("finished", _when_text(view["finished_at"])),
+        ("version", str(view["version"])),
+    ]
+    lines = [f"build {view['build_id']}: {headline}"]
+    lines += [f"  {name:<13} {value}" for name, value in fields]
+    steps = view["steps"]
+    lines.append(f"steps of generation {view['generation']}: {len(steps) or 'none'}")
+    for step in steps:
+        if step["status"] is None:
+            outcome = "running"
+        else:
+            outcome = f"status {step['status']} ({step['status_name']})"
+        log = f"  log {step['log_path']}" if step["log_path"] else ""
+        lines.append(f"  {step['step_nr']:>4}  {step['machine']}  {outcome}{log}")
+    messages = view["messages"]
+    lines.append(f"messages: {len(messages) or 'none'}")
+    for message in messages:
+        why = f": {message['reason']}" if message["reason"] else ""
+        lines.append(
+            f"  {message['message_id']}  {message['type']}  generation "
+            f"{message['generation']}  {message['state']}{why}"
+        )
+    return lines
+
+
+def _when_text(value: str | None) -> str:
+    return "-" if value is None else _when(datetime.fromisoformat(value))
+
+
+@cli.group("build")
+def build_group() -> None:
+    """The farm's builds, as the projections show them."""
+
+
+@build_group.command("show")
+@click.argument("build_id", metavar="BUILD", type=click.IntRange(min=1, max=MAX_ID))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@pass_state
+def build_show(state: State, build_id: int, as_json: bool) -> None:
+    """Show BUILD's current state: its queue entry and outcome, the steps of its
+    current generation and every message it received.
+
+    Status codes are Hydra's (0 succeeded, 1 failed, 2 dependency failed, …).
+    --json prints the herald_builds row with `status_name`, `steps` and
+    `messages`; times are ISO 8601, UTC.
+    """
+    with state.engine().connect() as conn:
+        view = build_view(conn, build_id)
+    if as_json:
+        click.echo(json.dumps(view, ensure_ascii=False))
+    else:
+        for line in _describe_build(view):
+            click.echo(line)
 
 
 # -- run ---------------------------------------------------------------------
@@ -396,7 +805,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         ctx = getattr(exc, "ctx", None)
         command = getattr(ctx, "command_path", None) or "herald"
-        click.echo(f"{command}: error: {exc.format_message()}", err=True)
+        # One line, whatever Click made of it ("Choose from:" lists choices a line each).
+        message = " ".join(part.strip() for part in exc.format_message().splitlines())
+        click.echo(f"{command}: error: {message}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("herald: aborted", err=True)

@@ -22,6 +22,7 @@ from herald.domain.catalogue import (
     validate_topic,
 )
 from herald.domain.evaluation import Evaluation
+from herald.domain.hydra import hydra_form, hydra_values
 from herald.domain.log import TOPICS, LogEvent, from_log, replay, to_log, to_log_all
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "LogEvent",
     "TopicSpec",
     "from_log",
+    "hydra_form",
+    "hydra_values",
     "is_custom_topic",
     "replay",
     "to_log",
