@@ -25,6 +25,7 @@ import click
 import sqlalchemy as sa
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from tenacity import (
     RetryCallState,
@@ -49,6 +50,7 @@ from herald.outbox import (
     run_sequencer,
     sync_catalogue,
 )
+from herald.outbox.projector import check, rebuild
 from herald.outbox.reader import MAX_SEQ
 from herald.schema import build_messages, build_steps, builds, migrate
 from herald.schema.dberrors import translated
@@ -717,6 +719,79 @@ def build_show(state: State, build_id: int, as_json: bool) -> None:
     else:
         for line in _describe_build(view):
             click.echo(line)
+
+
+# -- projections ---------------------------------------------------------------
+
+
+@cli.group("projections")
+def projections_group() -> None:
+    """The farm's current state (builds, steps, messages, evaluations), derived from the log."""
+
+
+@projections_group.command("rebuild")
+@pass_state
+def projections_rebuild(state: State) -> None:
+    """Rebuild the projections from the log alone, in one transaction."""
+    engine = state.engine()
+    columns = (
+        TextColumn("rebuilding projections"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("rebuild", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        with engine.begin() as conn, translated():
+            applied = rebuild(conn, progress=progress)
+    click.echo(f"projections rebuilt from {applied} events")
+
+
+@projections_group.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_state
+def projections_check(state: State, as_json: bool) -> None:
+    """Compare the projections with what the log makes of them; exit 1 if they differ.
+
+    Nothing is changed: the rebuild it compares with is rolled back.
+    """
+    engine = state.engine()
+    with engine.begin() as conn, translated():
+        differences = check(conn)
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "table": d.table,
+                        "key": list(d.key),
+                        "kind": d.kind,
+                        "columns": list(d.columns),
+                    }
+                    for d in differences
+                ],
+                default=str,
+            )
+        )
+    elif differences:
+        for difference in differences[:50]:
+            click.echo(str(difference))
+        if len(differences) > 50:
+            click.echo(f"… and {len(differences) - 50} more")
+    else:
+        click.echo("projections match the log")
+    if differences:
+        if not as_json:
+            click.echo(
+                f"{len(differences)} difference(s); `herald projections rebuild` "
+                "makes the projections what the log says",
+                err=True,
+            )
+        sys.exit(1)
 
 
 # -- run ---------------------------------------------------------------------
