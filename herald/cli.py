@@ -47,6 +47,7 @@ from herald.outbox import (
     TopicFilter,
     UnitOfWork,
     append,
+    farm,
     run_sequencer,
     sync_catalogue,
 )
@@ -461,7 +462,9 @@ def _send_once(
                 "a message id names one message (send a new one with another --id)"
             )
         was_finished = build.state == "finished"
-        state = build.receive_message(message_id, message_type, generation)
+        # Through the farm: a fail that finishes the build takes its queued
+        # dependents with it.
+        state = farm.receive_message(uow, build_id, message_id, message_type, generation)
         uow.save()
     message = build.messages[message_id]
     return SentMessage(

@@ -25,7 +25,13 @@ import sqlalchemy as sa
 from herald.domain import STATUS_NAMES, Evaluation
 from herald.errors import InvalidTransition, VersionConflict
 from herald.outbox import LogEntry, LogReader, UnitOfWork
-from herald.outbox.farm import NewBuild, add_evaluation, finish_build
+from herald.outbox.farm import (
+    NewBuild,
+    add_evaluation,
+    finish_build,
+    receive_message,
+    wait_for_message,
+)
 from herald.schema import builds, evaluations
 
 __all__ = ["run_demo"]
@@ -178,8 +184,8 @@ def _build(
             break
     if build_id == waiting:
         # The external system answers before the build has even finished its work.
-        _change(engine, build_id, lambda uow: uow.build(build_id).receive_message("ci-1", "pass"))
-        _change(engine, build_id, lambda uow: uow.build(build_id).wait_for_message())
+        _change(engine, build_id, lambda uow: receive_message(uow, build_id, "ci-1", "pass"))
+        _change(engine, build_id, lambda uow: wait_for_message(uow, build_id))
         return
     status = 1 if build_id == failing else 0
     _change(engine, build_id, lambda uow: finish_build(uow, build_id, status))
@@ -199,7 +205,7 @@ def _restart_and_succeed(engine: sa.Engine, build_id: int) -> None:
 
 def _late_message(engine: sa.Engine, build_id: int) -> None:
     """A second opinion after the build finished: recorded, ignored with the reason."""
-    _change(engine, build_id, lambda uow: uow.build(build_id).receive_message("ci-2", "fail"))
+    _change(engine, build_id, lambda uow: receive_message(uow, build_id, "ci-2", "fail"))
 
 
 def _summary(engine: sa.Engine, entries: list[LogEntry], echo: Callable[[str], None]) -> None:

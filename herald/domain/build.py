@@ -448,13 +448,16 @@ class Build(Aggregate):
             stale_message_ids=self.pending_message_ids,
         )
 
-    def wait_for_message(self) -> None:
+    def wait_for_message(self, dependent_ids: Sequence[int] = ()) -> None:
         """The running build's work is done: it waits for a pass or fail message.
 
         Messages of this generation that arrived earlier are applied at once, in
         the order they arrived: ``work`` keeps the build waiting, ``pass`` /
-        ``fail`` finish it with status 0 / 1.
+        ``fail`` finish it with status 0 / 1. ``dependent_ids`` are the queued
+        builds that fail with it if a ``fail`` finishes it (the caller knows the
+        queue); a ``pass`` lists none.
         """
+        dependents = _check_ids("dependent_ids", dependent_ids, self.build_id)
         if self.state != "running":
             raise self._refused("wait for a message on", "only a running build can wait")
         if unfinished := self.unfinished_steps:
@@ -471,7 +474,7 @@ class Build(Aggregate):
             if message["type"] in _MESSAGE_STATUS:
                 # receive_message() ignores anything after a pending pass / fail, so
                 # this is the last pending message of the generation.
-                self._finish_by_message(message["type"])
+                self._finish_by_message(message["type"], dependents)
                 break
 
     def receive_message(
@@ -479,12 +482,16 @@ class Build(Aggregate):
         message_id: str,
         type: str,  # noqa: A002 -- Harbormaster's own name, and the payload's
         generation: int | None = None,
+        dependent_ids: Sequence[int] = (),
     ) -> MessageState:
         """Record a Harbormaster message; return the state it ends in.
 
         ``generation`` defaults to the build's current one. A message id seen
         before changes nothing and returns the state it already has.
+        ``dependent_ids``: as for :meth:`wait_for_message`, listed only if this
+        message is a ``fail`` that finishes the build now.
         """
+        dependents = _check_ids("dependent_ids", dependent_ids, self.build_id)
         _check_text("message_id", message_id)
         message_type = _MESSAGE_TYPE_OF.get(type) if isinstance(type, str) else None
         if message_type is None:
@@ -505,7 +512,7 @@ class Build(Aggregate):
             reason=reason,
         )
         if state == "applied" and message_type in _MESSAGE_STATUS:
-            self._finish_by_message(message_type)
+            self._finish_by_message(message_type, dependents)
         return state
 
     def _message_outcome(self, generation: int) -> tuple[MessageState, str | None]:
@@ -543,11 +550,12 @@ class Build(Aggregate):
                 )
         return None
 
-    def _finish_by_message(self, message_type: MessageType) -> None:
+    def _finish_by_message(self, message_type: MessageType, dependents: list[int]) -> None:
+        status = _MESSAGE_STATUS[message_type]
         self._finished(
             build_id=self.build_id,
-            dependent_ids=[],
-            status=_MESSAGE_STATUS[message_type],
+            dependent_ids=dependents if status else [],
+            status=status,
             generation=self.generation,
             substituted=False,
         )

@@ -15,12 +15,20 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from herald.domain import Build, Evaluation
+from herald.domain.build import MessageState
 from herald.outbox.append import NewEvent
 from herald.outbox.unit_of_work import UnitOfWork
 from herald.schema import build_dependencies, builds
 from herald.schema.dberrors import translated
 
-__all__ = ["NewBuild", "add_evaluation", "finish_build", "queued_dependents"]
+__all__ = [
+    "NewBuild",
+    "add_evaluation",
+    "finish_build",
+    "queued_dependents",
+    "receive_message",
+    "wait_for_message",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +83,61 @@ def _chunked_select(
     return found
 
 
+def _dependents(uow: UnitOfWork, build_id: int) -> list[int]:
+    """The queued dependents of ``build_id`` that a failure takes with it.
+
+    The aggregates have the last word: a dependent that left the queue since
+    the projection was read is neither failed nor listed.
+    """
+    candidates = queued_dependents(uow.conn, build_id)
+    return sorted(b for b, dep in uow.builds(candidates).items() if dep.state == "queued")
+
+
+def _fail_dependents(
+    uow: UnitOfWork, build: Build, dependents: list[int], *, was_finished: bool
+) -> None:
+    """If ``build`` has just finished with a failure (and so listed ``dependents`` in its
+    ``build_finished``), they finish with it as "dependency failed"."""
+    if was_finished or build.state != "finished" or not build.status:
+        return
+    for dependent in uow.builds(dependents).values():
+        dependent.fail_because_of(build.build_id)
+
+
 def finish_build(uow: UnitOfWork, build_id: int, status: int) -> Build:
     """Finish ``build_id`` with Hydra ``status``; on a failure, its queued dependents
     finish with it as "dependency failed" and its ``build_finished`` lists them."""
     build = uow.build(build_id)
-    candidates = [] if status == 0 else queued_dependents(uow.conn, build_id)
-    # The aggregates have the last word: a dependent that left the queue since
-    # the projection was read is neither failed nor listed.
-    dependents = sorted(b for b, dep in uow.builds(candidates).items() if dep.state == "queued")
+    dependents = [] if status == 0 else _dependents(uow, build_id)
     build.finish(status, dependents)
-    for dependent in uow.builds(dependents).values():
-        dependent.fail_because_of(build_id)
+    _fail_dependents(uow, build, dependents, was_finished=False)
+    return build
+
+
+def receive_message(
+    uow: UnitOfWork,
+    build_id: int,
+    message_id: str,
+    type: str,  # noqa: A002 - Harbormaster's name for it
+    generation: int | None = None,
+) -> MessageState:
+    """Record a Harbormaster message for ``build_id``; a ``fail`` that finishes the
+    build takes its queued dependents with it, as :func:`finish_build` does."""
+    build = uow.build(build_id)
+    was_finished = build.state == "finished"
+    dependents = _dependents(uow, build_id) if type == "fail" else []
+    state = build.receive_message(message_id, type, generation, dependent_ids=dependents)
+    _fail_dependents(uow, build, dependents, was_finished=was_finished)
+    return state
+
+
+def wait_for_message(uow: UnitOfWork, build_id: int) -> Build:
+    """The build's work is done; it waits for a message. A ``fail`` that arrived
+    earlier finishes it at once and takes its queued dependents with it."""
+    build = uow.build(build_id)
+    dependents = _dependents(uow, build_id)
+    build.wait_for_message(dependent_ids=dependents)
+    _fail_dependents(uow, build, dependents, was_finished=False)
     return build
 
 

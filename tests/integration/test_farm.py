@@ -6,7 +6,14 @@ import sqlalchemy as sa
 
 from herald.domain import Evaluation
 from herald.outbox import NewEvent, UnitOfWork
-from herald.outbox.farm import NewBuild, add_evaluation, finish_build, queued_dependents
+from herald.outbox.farm import (
+    NewBuild,
+    add_evaluation,
+    finish_build,
+    queued_dependents,
+    receive_message,
+    wait_for_message,
+)
 from herald.schema import builds
 from tests.integration.helpers import read_all
 
@@ -111,3 +118,45 @@ def test_an_evaluation_announces_new_and_cached_builds(engine: sa.Engine) -> Non
         uow.notify(NewEvent("cached_build_queued", {"eval_id": 2, "build_id": 2}))
         uow.save()
     assert len(read_all(engine)) == len(entries)
+
+
+def test_a_fail_message_takes_the_dependents_with_it(engine: sa.Engine) -> None:
+    _evaluate(engine, "t1", 1, [_build(1), _build(2, 1), _build(3, 2), _build(4)])
+    with engine.begin() as conn:
+        uow = UnitOfWork(conn)
+        uow.build(1).start()
+        uow.build(4).start()
+        uow.save()
+    with engine.begin() as conn:
+        uow = UnitOfWork(conn)
+        # Build 1 waits; its fail comes later. Build 4's fail came before it waits.
+        wait_for_message(uow, 1)
+        assert receive_message(uow, 4, "early", "fail") == "pending"
+        uow.save()
+    with engine.begin() as conn:
+        uow = UnitOfWork(conn)
+        assert receive_message(uow, 1, "verdict", "fail") == "applied"
+        wait_for_message(uow, 4)  # applies the pending fail: nothing depends on 4
+        uow.save()
+    finished = {
+        e.payload["build_id"]: e.payload for e in read_all(engine) if e.topic == "build_finished"
+    }
+    assert finished[1]["dependent_ids"] == [2, 3]
+    assert finished[4]["dependent_ids"] == []
+    with engine.connect() as conn:
+        rows = dict(conn.execute(sa.select(builds.c.build_id, builds.c.status)).all())
+    assert rows == {1: 1, 2: 2, 3: 2, 4: 1}
+    # A pass lists no dependents and fails none.
+    with engine.begin() as conn:
+        uow = UnitOfWork(conn)
+        build = uow.build(1)
+        build.restart()
+        build.start()
+        wait_for_message(uow, 1)
+        assert receive_message(uow, 1, "second", "pass") == "applied"
+        uow.save()
+    assert [
+        e.payload["dependent_ids"]
+        for e in read_all(engine)
+        if e.topic == "build_finished" and e.payload["build_id"] == 1
+    ] == [[2, 3], []]
