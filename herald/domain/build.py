@@ -54,6 +54,7 @@ __all__ = [
     "MessageType",
     "StepInfo",
     "status_text",
+    "unwaited_reason",
 ]
 
 #: Hydra's build status codes (``hydra.sql``, table ``Builds``).
@@ -140,6 +141,11 @@ def _check_step_nr(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise UsageError(f"step number must be a non-negative integer, not {value!r}")
     return value
+
+
+def unwaited_reason(status: int | None) -> str:
+    """Why a message still pending when its build ended is ignored."""
+    return f"the build ended ({status_text(status)}) before it waited for a message"
 
 
 def _check_ids(name: str, values: object, build_id: int) -> list[int]:
@@ -591,17 +597,27 @@ class Build(Aggregate):
         self.state = "finished"
         self.status = status
         self.substituted = substituted
+        self._settle_pending_messages()
 
     @event(DependencyFailed)
     def _dependency_failed(self, build_id: int, failed_build_id: int, generation: int) -> None:
         self.state = "finished"
         self.status = 2
         self.substituted = False
+        self._settle_pending_messages()
 
     @event(Cancelled)
     def _cancelled(self, build_id: int, generation: int) -> None:
         self.state = "cancelled"
         self.status = 4
+        self._settle_pending_messages()
+
+    def _settle_pending_messages(self) -> None:
+        """A build that ends without waiting leaves no message pending: each is ignored."""
+        reason = unwaited_reason(self.status)
+        for message_id in self.pending_message_ids:
+            self.messages[message_id]["state"] = "ignored"
+            self.messages[message_id]["reason"] = reason
 
     @event(Bumped)
     def _bumped(self, build_id: int, priority: int) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from herald.domain import LogEvent
+from herald.domain.build import unwaited_reason
 from herald.schema import (
     PROJECTIONS,
     build_dependencies,
@@ -208,6 +209,28 @@ def _message_applied(e: LogEvent) -> list[Op]:
     return [(stmt, params), _build(e)]
 
 
+_SETTLE = (
+    sa.update(build_messages)
+    .where(
+        build_messages.c.build_id == sa.bindparam("k_build_id"),
+        build_messages.c.state == "pending",
+    )
+    .values(state="ignored", reason=sa.bindparam("reason"), updated_at=sa.bindparam("updated_at"))
+)
+
+
+def _ended(e: LogEvent, state: str, status: int, **changes: Any) -> list[Op]:
+    """The build ended: its row, and its still pending messages ignored (as the aggregate
+    does: see Build._settle_pending_messages)."""
+    settle = {
+        "k_build_id": e.payload["build_id"],
+        "reason": unwaited_reason(status),
+        "updated_at": e.occurred_at,
+    }
+    row = _build(e, state=state, status=status, finished_at=e.occurred_at, **changes)
+    return [row, (_SETTLE, settle)]
+
+
 _HANDLERS: dict[str, Callable[[LogEvent], list[Op]]] = {
     "eval_started": _eval_started,
     "eval_added": lambda e: [
@@ -227,21 +250,11 @@ _HANDLERS: dict[str, Callable[[LogEvent], list[Op]]] = {
     "build_started": lambda e: [_build(e, state="running", started_at=e.occurred_at)],
     "step_started": _step_started,
     "step_finished": _step_finished,
-    "build_finished": lambda e: [
-        _build(
-            e,
-            state="finished",
-            status=e.payload["status"],
-            substituted=e.payload["substituted"],
-            finished_at=e.occurred_at,
-        )
-    ],
-    "herald.build_dependency_failed": lambda e: [
-        _build(e, state="finished", status=2, finished_at=e.occurred_at)
-    ],
-    "build_cancelled": lambda e: [
-        _build(e, state="cancelled", status=4, finished_at=e.occurred_at)
-    ],
+    "build_finished": lambda e: _ended(
+        e, "finished", e.payload["status"], substituted=e.payload["substituted"]
+    ),
+    "herald.build_dependency_failed": lambda e: _ended(e, "finished", 2, substituted=False),
+    "build_cancelled": lambda e: _ended(e, "cancelled", 4),
     "build_bumped": lambda e: [_build(e, priority=e.payload["priority"])],
     "build_restarted": _restarted,
     "herald.build_waiting": lambda e: [_build(e, state="waiting")],
@@ -253,24 +266,35 @@ _HANDLERS: dict[str, Callable[[LogEvent], list[Op]]] = {
 PROJECTED_TOPICS = frozenset(_HANDLERS)
 
 
+def _owner(params: dict[str, Any]) -> object:
+    """The build (or evaluation) whose rows an op writes."""
+    for name in ("k_build_id", "build_id", "k_aggregate_id", "aggregate_id"):
+        if name in params:
+            return params[name]
+    raise KeyError("a projection op names no build or evaluation")
+
+
 def project(conn: sa.Connection, log_events: Iterable[LogEvent]) -> int:
     """Apply ``log_events`` (in log order) to the projections; returns how many applied.
 
     Events of other topics (custom ones, notifications with no state) are
     passed over. Runs in ``conn``'s transaction.
     """
-    # Batching: an INSERT makes a new row, which no earlier statement can have
-    # touched, so it joins its statement's batch whatever came between. An
-    # UPDATE may touch rows that earlier statements wrote, so it waits for
-    # everything before it, unless it repeats the statement just before it.
+    # Batching. Each statement writes rows of one table, all of one build (or
+    # evaluation), and reads nothing else, so what must keep its order is the
+    # ops on the same (table, build). An op joins the pending batch of its
+    # statement unless a later batch already holds an op on the same
+    # (table, build); an INSERT always may (its row is new). Otherwise
+    # everything pending runs first, in order.
     applied = 0
-    pending: dict[sa.Executable, list[dict[str, Any]]] = {}
-    last: sa.Executable | None = None
+    batches: list[tuple[sa.Executable, list[dict[str, Any]], set[tuple[str, object]]]] = []
+    index: dict[sa.Executable, int] = {}
 
     def flush() -> None:
-        for stmt, batch in pending.items():
-            conn.execute(stmt, batch)
-        pending.clear()
+        for stmt, params, _ in batches:
+            conn.execute(stmt, params)
+        batches.clear()
+        index.clear()
 
     for event in log_events:
         handler = _HANDLERS.get(event.topic)
@@ -278,10 +302,19 @@ def project(conn: sa.Connection, log_events: Iterable[LogEvent]) -> int:
             continue
         applied += 1
         for stmt, params in handler(event):
-            if not isinstance(stmt, sa.Insert) and stmt is not last:
+            row = (stmt.table.name, _owner(params))  # type: ignore[attr-defined]
+            at = index.get(stmt)
+            if at is not None and (
+                isinstance(stmt, sa.Insert)
+                or all(row not in keys for _, _, keys in batches[at + 1 :])
+            ):
+                batches[at][1].append(params)
+                batches[at][2].add(row)
+                continue
+            if at is not None:
                 flush()
-            pending.setdefault(stmt, []).append(params)
-            last = stmt
+            index[stmt] = len(batches)
+            batches.append((stmt, [params], {row}))
     flush()
     return applied
 

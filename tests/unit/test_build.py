@@ -517,20 +517,42 @@ def test_message_to_an_old_generation_is_stale() -> None:
     assert (build.state, build.generation) == ("queued", 2)
 
 
-def test_pending_messages_become_stale_at_restart() -> None:
+@pytest.mark.parametrize(
+    ("end", "status"),
+    [
+        (lambda b: b.cancel(), "status 4, cancelled"),
+        (lambda b: b.finish(1), "status 1, failed"),
+    ],
+)
+def test_pending_messages_are_ignored_when_the_build_ends_without_waiting(
+    end: Any, status: str
+) -> None:
+    """No message stays pending: a build that ends without waiting settles them."""
     build = running()
     build.receive_message("m1", "work")
     build.receive_message("m2", "pass")
-    build.cancel()
+    end(build)
+    reason = f"the build ended ({status}) before it waited for a message"
+    assert {m: (v["state"], v["reason"]) for m, v in build.messages.items()} == {
+        "m1": ("ignored", reason),
+        "m2": ("ignored", reason),
+    }
     build.restart()
     entries = drain(build)
     assert entries[-1].topic == "build_restarted"
-    assert entries[-1].payload["stale_message_ids"] == ["m1", "m2"]
-    assert {m["state"] for m in build.messages.values()} == {"stale"}
+    assert entries[-1].payload["stale_message_ids"] == []
     build.start()
     build.wait_for_message()
     assert [e.topic for e in drain(build)] == ["build_started", "herald.build_waiting"]
     assert build.state == "waiting"
+
+
+def test_a_dependency_failure_settles_pending_messages() -> None:
+    build = Build(5, 1, "j", DRV, "x86_64-linux", dependencies=[4])
+    build.receive_message("m", "pass")
+    build.fail_because_of(4)
+    assert build.messages["m"]["state"] == "ignored"
+    assert "dependency failed" in (build.messages["m"]["reason"] or "")
 
 
 def test_message_to_a_future_generation_is_ignored() -> None:
@@ -641,4 +663,6 @@ def test_replaying_the_events_rebuilds_the_same_build() -> None:
     assert state_of(rebuilt) == state_of(build)
     assert rebuilt.version == len(history) == build.version
     assert rebuilt.messages == build.messages
-    assert build.messages["gen2"]["state"] == "stale"
+    # Pending when the build was cancelled: ignored, with the reason.
+    assert build.messages["gen2"]["state"] == "ignored"
+    assert "before it waited" in (build.messages["gen2"]["reason"] or "")
