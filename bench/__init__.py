@@ -1,10 +1,10 @@
-"""herald's benchmarks: scripts run by hand or by ``make bench``, never by the test suite.
+"""herald's benchmarks (``make bench``; not part of the test suite).
 
-Each script measures one thing against a scratch PostgreSQL database it creates
-and drops itself, prints a table, and rewrites its own section of
-``BENCHMARKS.md`` at the repository root:
+Each benchmark runs herald and its comparison in the same run and writes its
+own marked section of BENCHMARKS.md:
 
-* :mod:`bench.append_throughput` — B1, append transactions/s (1 and 8
-  writers; plain psycopg, herald on psycopg, SQLAlchemy without herald and
-  herald on SQLAlchemy) and insert → reader latency (issue #2).
+* ``bench.append_throughput`` — append transactions/s against bare psycopg and
+  SQLAlchemy, and commit → reader latency (issue #2);
+* ``bench.unit_of_work`` — finishing a build through the unit of work against
+  the raw append, and one evaluation adding 50,000 builds (issue #3).
 """
