@@ -853,15 +853,18 @@ def run_command(state: State, poll_interval: float) -> None:
     "--builds",
     type=click.IntRange(min=1, max=100_000),
     default=120,
-    help="How many builds the burst simulates.",
+    help="How many builds the first evaluation adds.",
 )
 @click.option(
-    "--writers", type=click.IntRange(min=1, max=64), default=4, help="Concurrent writer threads."
+    "--writers",
+    type=click.IntRange(min=1, max=64),
+    default=4,
+    help="Concurrent queue-runner workers (writer threads).",
 )
-@click.option("--seed", type=int, default=7, help="Random seed (same seed, same burst).")
+@click.option("--seed", type=int, default=7, help="Random seed (same seed, same day).")
 @pass_state
 def demo_command(state: State, builds: int, writers: int, seed: int) -> None:
-    """Append a realistic burst of farm events with concurrent writers, then show the log."""
+    """Simulate a day on a build farm through the domain, then summarise the log."""
     from herald.demo import run_demo  # noqa: PLC0415 - only the demo needs it
 
     run_demo(state.engine(), builds=builds, writers=writers, seed=seed, echo=click.echo)
