@@ -62,11 +62,33 @@ def migrate_url(url: URL | str) -> None:
         engine.dispose()
 
 
+def _drop_orphans(admin: psycopg.Connection) -> None:
+    """Drop the databases of test runs whose process is gone (a run killed midway)."""
+    names = admin.execute(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'herald\\_test\\_%'"
+    ).fetchall()
+    for (datname,) in names:
+        pid = datname.split("_")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            admin.execute(f'DROP DATABASE IF EXISTS "{datname}" WITH (FORCE)')
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
 @pytest.fixture(scope="session")
 def pg_template() -> Iterator[str]:
     """A migrated PostgreSQL database to clone (its name)."""
     name = f"{PREFIX}_template"
     with _admin() as admin:
+        _drop_orphans(admin)
         admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.execute(f'CREATE DATABASE "{name}"')
     migrate_url(_admin_url().set(database=name))
