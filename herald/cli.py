@@ -80,8 +80,14 @@ class State:
             check_connection(self._engine)
         if migrated:
             with self._engine.connect() as conn, translated():
-                if migrate.current_revision(conn) is None:
+                current = migrate.current_revision(conn)
+                if current is None:
                     raise NotMigrated()
+                if current != migrate.head_revision():
+                    raise NotMigrated(
+                        f"the database's schema is at revision {current}, this herald needs "
+                        f"{migrate.head_revision()}; run `herald db upgrade` first"
+                    )
         return self._engine
 
     def close(self) -> None:

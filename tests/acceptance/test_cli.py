@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from herald.config import create_engine
 from herald.domain import CATALOGUE, MAX_PAYLOAD_BYTES
 from herald.outbox import append
-from herald.schema import metadata, topics
+from herald.schema import metadata, migrate, topics
 from herald.schema.migrate import head_revision
 
 from .conftest import (
@@ -136,6 +136,21 @@ def test_a_database_never_migrated_says_run_db_upgrade(unmigrated_url: str, tmp_
         "up_to_date": False,
     }
     assert table_names(unmigrated_url) == set(), "a command created tables"
+
+
+def test_a_database_behind_herald_says_which_revision_and_to_upgrade(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            migrate.upgrade(conn, "0001")
+    finally:
+        engine.dispose()
+    shown = herald(url, "build", "show", "1", cwd=tmp_path)
+    line = assert_one_line_error(shown, 1, mentions=["herald db upgrade"])
+    assert f"revision 0001, this herald needs {head_revision()}" in line
+    assert_ok(herald(url, "db", "upgrade", cwd=tmp_path))
+    assert_one_line_error(herald(url, "build", "show", "1", cwd=tmp_path), 2, ["does not exist"])
 
 
 # -- append and log ---------------------------------------------------------------------
