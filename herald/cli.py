@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -36,11 +34,12 @@ from tenacity import (
 )
 
 from herald import __version__
-from herald.config import DATABASE_URL_SETTING, DEFAULT_DATABASE_URL, check_connection
-from herald.config import create_engine as _create_engine
+from herald.cli_common import State, pass_state, stop_on_signals
+from herald.cli_consumers import consumers_command, parked_group, run_command
+from herald.config import DATABASE_URL_SETTING, DEFAULT_DATABASE_URL
 from herald.domain import CATALOGUE, DELIVERIES, MAX_PAYLOAD_BYTES, TOPIC_PATTERN, hydra_form
 from herald.domain.build import MESSAGE_TYPES, STATUS_NAMES, STEP_STATUS_NAMES, status_text
-from herald.errors import HeraldError, NotMigrated, UnknownAggregate, UsageError, VersionConflict
+from herald.errors import HeraldError, UnknownAggregate, UsageError, VersionConflict
 from herald.outbox import (
     LogEntry,
     LogReader,
@@ -48,7 +47,6 @@ from herald.outbox import (
     UnitOfWork,
     append,
     farm,
-    run_sequencer,
     sync_catalogue,
 )
 from herald.outbox.projector import check, rebuild
@@ -64,40 +62,6 @@ CONTEXT = {
     "help_option_names": ["-h", "--help"],
 }
 
-
-class State:
-    """What the top-level options set up for the subcommands."""
-
-    def __init__(self, database_url: str | None) -> None:
-        self.database_url = database_url
-        self._engine: sa.Engine | None = None
-
-    def engine(self, *, migrated: bool = True) -> sa.Engine:
-        """The engine, connected once (a dead server is a clear error) and, by default,
-        checked to be migrated."""
-        if self._engine is None:
-            self._engine = _create_engine(self.database_url)
-            check_connection(self._engine)
-        if migrated:
-            with self._engine.connect() as conn, translated():
-                current = migrate.current_revision(conn)
-                if current is None:
-                    raise NotMigrated()
-                if current != migrate.head_revision():
-                    raise NotMigrated(
-                        f"the database's schema is at revision {current}, this herald needs "
-                        f"{migrate.head_revision()}; run `herald db upgrade` first"
-                    )
-        return self._engine
-
-    def close(self) -> None:
-        """Dispose of the engine, if one was made (the command is over)."""
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
-
-
-pass_state = click.make_pass_decorator(State)
 
 #: ``herald log --format``: the human line, one JSON object, Hydra's tab-separated form.
 LOG_FORMATS: Final = ("text", "json", "hydra")
@@ -304,7 +268,7 @@ def log_command(
     reader = LogReader(state.engine(), TopicFilter(topics))
     stop = threading.Event()
     printed = 0
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop):
         for entry in _entries(reader, from_seq - 1, follow, stop):
             line = render(entry)
             if line is None:
@@ -803,54 +767,6 @@ def projections_check(state: State, as_json: bool) -> None:
         sys.exit(1)
 
 
-# -- run ---------------------------------------------------------------------
-
-
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    def handler(signum: int, _frame: object) -> None:
-        logging.getLogger("herald").info("%s received; stopping", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-@cli.command("run")
-@click.option(
-    "--poll-interval",
-    type=click.FloatRange(min=0.001, max=10),
-    default=0.05,
-    metavar="SECONDS",
-    help="Longest pause between the sequencer's idle checks.",
-)
-@pass_state
-def run_command(state: State, poll_interval: float) -> None:
-    """Run herald's daemon: the sequencer (PostgreSQL), until SIGTERM or SIGINT.
-
-    Several `herald run` may share a database: one sequences, the others stand
-    by and take over within a second if it dies.
-    """
-    engine = state.engine()
-    stop = threading.Event()
-    log = logging.getLogger("herald.run")
-    with _stop_on_signals(stop):
-        if engine.dialect.name == "postgresql":
-            log.info("started (pid %d); electing the sequencer", os.getpid())
-            run_sequencer(engine, stop, poll_interval=poll_interval)
-        else:
-            log.info(
-                "started (pid %d); SQLite orders events as they are written, no sequencer needed",
-                os.getpid(),
-            )
-            stop.wait()
-    log.info("stopped")
-
-
 # -- demo --------------------------------------------------------------------
 
 
@@ -874,6 +790,13 @@ def demo_command(state: State, builds: int, writers: int, seed: int) -> None:
     from herald.demo import run_demo  # noqa: PLC0415 - only the demo needs it
 
     run_demo(state.engine(), builds=builds, writers=writers, seed=seed, echo=click.echo)
+
+
+# -- the consumer side (run, consumers, parked) -------------------------------------
+
+cli.add_command(run_command)
+cli.add_command(consumers_command)
+cli.add_command(parked_group)
 
 
 # -- entry point ---------------------------------------------------------------

@@ -21,12 +21,16 @@ __all__ = [
     "InvalidPayload",
     "InvalidTopic",
     "InvalidTransition",
+    "LostClaim",
     "NotMigrated",
+    "NotParked",
     "PayloadTooLarge",
     "TransientDatabaseError",
     "UnknownAggregate",
+    "UnknownConsumer",
     "UsageError",
     "VersionConflict",
+    "WaitTimeout",
 ]
 
 
@@ -145,3 +149,51 @@ class TransientDatabaseError(DatabaseError):
 
 class DatabaseUnavailable(TransientDatabaseError):
     """The database server does not answer."""
+
+
+class UnknownConsumer(UsageError):
+    """No such consumer."""
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        hint = f"; known: {', '.join(known)}" if known else "; none is configured or has run"
+        super().__init__(f"unknown consumer {name!r}{hint}", consumer=name)
+        self.consumer = name
+
+
+class NotParked(UsageError):
+    """The event is not parked for that consumer."""
+
+    def __init__(self, consumer: str, seq: int, problem: str | None = None) -> None:
+        super().__init__(
+            problem or f"seq {seq} is not parked for consumer {consumer!r}",
+            consumer=consumer,
+            seq=seq,
+        )
+        self.consumer = consumer
+        self.seq = seq
+
+
+class LostClaim(HeraldError):
+    """Another process runs this consumer now."""
+
+    def __init__(self, consumer: str) -> None:
+        super().__init__(
+            f"consumer {consumer!r} is run by another process now; its batch was not committed",
+            consumer=consumer,
+        )
+        self.consumer = consumer
+
+
+class WaitTimeout(HeraldError):
+    """The consumer did not finish the event in time."""
+
+    def __init__(self, consumer: str, seq: int, timeout: float, offset: int) -> None:
+        super().__init__(
+            f"consumer {consumer!r} has not finished seq {seq} within {timeout:g} s "
+            f"(its offset is {offset})",
+            consumer=consumer,
+            seq=seq,
+        )
+        self.consumer = consumer
+        self.seq = seq
+        self.offset = offset

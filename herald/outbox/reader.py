@@ -28,7 +28,16 @@ from herald.outbox.wakeup import Waker
 from herald.schema import events, log_order
 from herald.schema.dberrors import translated
 
-__all__ = ["MAX_SEQ", "LogEntry", "LogReader", "Page", "TopicFilter", "head", "read_page"]
+__all__ = [
+    "MAX_SEQ",
+    "LogEntry",
+    "LogReader",
+    "Page",
+    "TopicFilter",
+    "entries_at",
+    "head",
+    "read_page",
+]
 
 
 #: the largest seq the log can hold (a signed 64-bit integer)
@@ -134,6 +143,37 @@ _COLUMNS = (
 )
 
 
+def _entry(row: Any) -> LogEntry:
+    return LogEntry(
+        seq=row.seq,
+        position=row.position,
+        topic=row.topic,
+        payload=row.payload,
+        delivery=row.delivery,
+        dedupe_key=row.dedupe_key,
+        aggregate_id=row.aggregate_id,
+        aggregate_version=row.aggregate_version,
+        trace_id=row.trace_id,
+        occurred_at=_aware(row.occurred_at),
+        recorded_at=_aware(row.recorded_at),
+    )
+
+
+def entries_at(conn: sa.Connection, seqs: Iterable[int]) -> dict[int, LogEntry]:
+    """The entries at these seqs (those that exist), by seq."""
+    wanted = sorted(set(seqs))
+    found: dict[int, LogEntry] = {}
+    with translated():
+        for start in range(0, len(wanted), 1000):
+            stmt = (
+                sa.select(*_COLUMNS)
+                .join_from(log_order, events, log_order.c.position == events.c.position)
+                .where(log_order.c.seq.in_(wanted[start : start + 1000]))
+            )
+            found.update((row.seq, _entry(row)) for row in conn.execute(stmt))
+    return found
+
+
 def read_page(
     conn: sa.Connection,
     after: int = 0,
@@ -173,22 +213,7 @@ def read_page(
         if topics:
             stmt = stmt.where(topics.clause())
         rows = conn.execute(stmt).all()
-    entries = [
-        LogEntry(
-            seq=row.seq,
-            position=row.position,
-            topic=row.topic,
-            payload=row.payload,
-            delivery=row.delivery,
-            dedupe_key=row.dedupe_key,
-            aggregate_id=row.aggregate_id,
-            aggregate_version=row.aggregate_version,
-            trace_id=row.trace_id,
-            occurred_at=_aware(row.occurred_at),
-            recorded_at=_aware(row.recorded_at),
-        )
-        for row in rows
-    ]
+    entries = [_entry(row) for row in rows]
     if len(entries) == limit:
         return Page(entries, entries[-1].seq, at_head=entries[-1].seq >= top)
     return Page(entries, max(after, bound), at_head=bound >= top)

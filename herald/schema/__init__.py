@@ -11,6 +11,8 @@ This package imports nothing of herald but :mod:`herald.errors`.
 """
 
 from herald.schema.tables import (
+    CONSUMER_LOCK_CLASS,
+    CONSUMER_TABLES,
     NOTIFY_CHANNEL,
     PROJECTIONS,
     SEQUENCER_LOCK_KEY,
@@ -18,15 +20,20 @@ from herald.schema.tables import (
     build_messages,
     build_steps,
     builds,
+    consumers,
+    deliveries,
     evaluations,
     events,
     log_order,
     metadata,
+    parked,
     sequencer_state,
     topics,
 )
 
 __all__ = [
+    "CONSUMER_LOCK_CLASS",
+    "CONSUMER_TABLES",
     "NOTIFY_CHANNEL",
     "PROJECTIONS",
     "SEQUENCER_LOCK_KEY",
@@ -34,10 +41,13 @@ __all__ = [
     "build_messages",
     "build_steps",
     "builds",
+    "consumers",
+    "deliveries",
     "evaluations",
     "events",
     "log_order",
     "metadata",
+    "parked",
     "sequencer_state",
     "topics",
 ]

@@ -18,6 +18,8 @@ from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import UserDefinedType
 
 __all__ = [
+    "CONSUMER_LOCK_CLASS",
+    "CONSUMER_TABLES",
     "NOTIFY_CHANNEL",
     "PROJECTIONS",
     "SEQUENCER_LOCK_KEY",
@@ -26,10 +28,13 @@ __all__ = [
     "build_messages",
     "build_steps",
     "builds",
+    "consumers",
+    "deliveries",
     "evaluations",
     "events",
     "log_order",
     "metadata",
+    "parked",
     "sequencer_state",
     "topics",
 ]
@@ -41,6 +46,12 @@ NOTIFY_CHANNEL: Final = "herald_log"
 #: The session advisory lock that elects the one active sequencer
 #: (``pg_try_advisory_lock``). ``0x6865726c64`` spells "herld".
 SEQUENCER_LOCK_KEY: Final = 0x6865726C64
+
+#: The first key of the two-key session advisory locks that say which process
+#: runs a consumer: ``pg_try_advisory_lock(CONSUMER_LOCK_CLASS, hashtext(name))``.
+#: Two names with the same hash share a lock: that only means one process runs
+#: both, never that two run one. 0x68726c63 spells "hrlc".
+CONSUMER_LOCK_CLASS: Final = 0x68726C63
 
 metadata = sa.MetaData(
     naming_convention={
@@ -266,3 +277,84 @@ build_messages = sa.Table(
 
 #: The projection tables, in the order `herald projections rebuild` empties them.
 PROJECTIONS: Final = (build_messages, build_steps, build_dependencies, builds, evaluations)
+
+# -- consumers: offsets, delivery records, parked events ---------------------------
+#
+# Written by the consumer daemon (`herald run`) and by `herald parked`; read by
+# `herald consumers` and the audit queries.
+
+#: One row per consumer that has ever run. ``offset_seq`` is the consumer's
+#: offset: the last seq it has *finished* (delivered, parked, expired, failed
+#: for good, or skipped as outside its topics); it reads after it. ``owner``
+#: names the process running it (``host:pid:claim``): the daemon advances the
+#: offset only ``WHERE owner = <its claim>``, so a process that lost its claim
+#: can never move an offset another process now owns. ``lease_until`` is how
+#: long the claim holds without renewal (SQLite; on PostgreSQL the claim is a
+#: session advisory lock and the lease is informative). ``control`` changes
+#: whenever an operator redelivers or discards a parked event, telling the
+#: daemon to re-read its parked events.
+consumers = sa.Table(
+    "herald_consumers",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("offset_seq", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("owner", sa.String(200), nullable=True),
+    sa.Column("lease_until", _Timestamp, nullable=True),
+    sa.Column("control", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("created_at", _Timestamp, nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", _Timestamp, nullable=False, server_default=sa.func.now()),
+    sa.CheckConstraint("offset_seq >= 0", name="offset_seq"),
+)
+
+#: Every delivery attempt of every event to every consumer (events outside a
+#: consumer's topics get none). Written in the same transaction as the offset
+#: advance that covers the event. ``outcome``: delivered, failed (this attempt
+#: failed; for an ephemeral event, that was its one attempt), parked (the
+#: at_least_once budget ran out, or an earlier event of the same build is
+#: parked), expired (an ephemeral event older than the consumer's staleness
+#: limit, not delivered) or discarded (an operator gave up a parked event;
+#: ``error`` holds the reason). ``kind`` is live (the daemon reading after
+#: its offset) or redelivery (a parked event sent again by request).
+deliveries = sa.Table(
+    "herald_deliveries",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("consumer", sa.String(200), nullable=False),
+    sa.Column("seq", sa.BigInteger(), nullable=False),
+    sa.Column("attempt", sa.Integer(), nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False, server_default="live"),
+    sa.Column("started_at", _Timestamp, nullable=False),
+    sa.Column("duration_ms", sa.Float(), nullable=False),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("http_status", sa.Integer(), nullable=True),
+    # What else the handler reported: a command's exit code and signal, ...
+    sa.Column("detail", _Json, nullable=True),
+    sa.CheckConstraint(
+        "outcome IN ('delivered', 'failed', 'parked', 'expired', 'discarded')", name="outcome"
+    ),
+    sqlite_autoincrement=True,
+)
+sa.Index("ix_herald_deliveries_consumer_seq", deliveries.c.consumer, deliveries.c.seq)
+sa.Index("ix_herald_deliveries_seq", deliveries.c.seq)
+
+#: The events a consumer has parked and not yet had redelivered or discarded.
+#: ``held_by`` is the seq of an earlier parked event of the same build (``key``)
+#: that this one waits behind, so that a build's events reach a consumer in
+#: order even across parking; null for the event that failed itself.
+#: ``redeliver`` is set by `herald parked redeliver` and cleared by the daemon.
+parked = sa.Table(
+    "herald_parked",
+    metadata,
+    sa.Column("consumer", sa.String(200), primary_key=True),
+    sa.Column("seq", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("key", sa.String(200), nullable=True),
+    sa.Column("held_by", sa.BigInteger(), nullable=True),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("parked_at", _Timestamp, nullable=False),
+    sa.Column("redeliver", sa.Boolean(), nullable=False, server_default=sa.false()),
+)
+
+#: The consumer tables, for tests and tools that need to know them.
+CONSUMER_TABLES: Final = (consumers, deliveries, parked)

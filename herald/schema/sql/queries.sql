@@ -75,3 +75,24 @@ WHERE l.locktype = 'advisory' AND l.granted
   AND l.classid = (CAST(:key AS bigint) >> 32)::oid
   AND l.objid = (CAST(:key AS bigint) & 4294967295)::oid
   AND l.objsubid = 1
+
+-- consumer_try_lock --
+-- Claim a consumer for this daemon: a session lock on its listening connection (psycopg %s placeholders).
+SELECT pg_try_advisory_lock(%s::int4, hashtext(%s))
+
+-- consumer_unlock --
+-- Give a consumer's claim up (psycopg %s placeholders).
+SELECT pg_advisory_unlock(%s::int4, hashtext(%s))
+
+-- consumer_lock_holders --
+-- Which consumers a live daemon holds right now, by the backend holding each claim.
+SELECT c.name, l.pid
+FROM herald_consumers AS c
+JOIN pg_locks AS l
+  ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+ AND l.classid::bigint = :lock_class AND l.objid::bigint = (hashtext(c.name)::bigint & 4294967295)
+ AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+
+-- consumers_wake --
+-- Wake the daemons' consumers now (after an operator's request); like every NOTIFY, only a hint.
+SELECT pg_notify('herald_log', 'consumers')

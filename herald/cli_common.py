@@ -1,0 +1,71 @@
+"""What every ``herald`` subcommand shares: the database state, stopping on signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+import sqlalchemy as sa
+
+from herald.config import check_connection
+from herald.config import create_engine as _create_engine
+from herald.errors import NotMigrated
+from herald.schema import migrate
+from herald.schema.dberrors import translated
+
+__all__ = ["State", "pass_state", "stop_on_signals"]
+
+
+class State:
+    """What the top-level options set up for the subcommands."""
+
+    def __init__(self, database_url: str | None) -> None:
+        self.database_url = database_url
+        self._engine: sa.Engine | None = None
+
+    def engine(self, *, migrated: bool = True) -> sa.Engine:
+        """The engine, connected once (a dead server is a clear error) and, by default,
+        checked to be migrated."""
+        if self._engine is None:
+            self._engine = _create_engine(self.database_url)
+            check_connection(self._engine)
+        if migrated:
+            with self._engine.connect() as conn, translated():
+                current = migrate.current_revision(conn)
+                if current is None:
+                    raise NotMigrated()
+                if current != migrate.head_revision():
+                    raise NotMigrated(
+                        f"the database's schema is at revision {current}, this herald needs "
+                        f"{migrate.head_revision()}; run `herald db upgrade` first"
+                    )
+        return self._engine
+
+    def close(self) -> None:
+        """Dispose of the engine, if one was made (the command is over)."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Set ``stop`` on SIGTERM or SIGINT while the block runs (a clean stop, exit 0)."""
+
+    def handler(signum: int, _frame: object) -> None:
+        logging.getLogger("herald").info("%s received; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
