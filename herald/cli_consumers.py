@@ -33,7 +33,7 @@ from herald.consumers.store import (
     request_redelivery,
 )
 from herald.errors import UnknownConsumer, UsageError
-from herald.outbox import head
+from herald.outbox import Sequencer, head
 from herald.schema import CONSUMER_LOCK_CLASS
 from herald.schema.dberrors import translated
 from herald.schema.queries import query
@@ -43,11 +43,12 @@ __all__ = ["consumers_command", "parked_group", "run_command"]
 _CONFIG_OPTION = click.option(
     "--config",
     "config_path",
-    envvar=CONFIG_SETTING,
-    show_envvar=True,
+    # Read by load_config itself, so that an error names the setting the operator used.
+    envvar=None,
     default=None,
     metavar="FILE",
-    help="The consumers' configuration file [default: ./herald.toml if it exists].",
+    help=f"The consumers' configuration file [default: ${CONFIG_SETTING}, else "
+    "./herald.toml if it exists].",
     show_default=False,
 )
 
@@ -155,6 +156,9 @@ def _running(conn: sa.Connection) -> dict[str, str]:
 
 def consumer_listing(conn: sa.Connection, config: Config) -> list[dict[str, Any]]:
     """Every consumer, configured or with a row: offset, lag, parked, running, last error."""
+    # Order what has committed first (as every read does), so that the lag counts
+    # events written while no daemon ran.
+    Sequencer().cycle(conn)
     with translated():
         top = head(conn)
         rows = {r.name: r for r in consumer_rows(conn)}

@@ -184,9 +184,13 @@ class Options:
             raise self.error(key, f"must be a table of strings, not {value!r}")
         return dict(value)
 
+    def unread(self) -> list[str]:
+        """The keys nobody has read, sorted."""
+        return sorted(set(self._values) - self._read)
+
     def check_unused(self, type_name: str) -> None:
         """Raise for a key nobody read (a typo, or a key of another type)."""
-        unknown = sorted(set(self._values) - self._read)
+        unknown = self.unread()
         if unknown:
             known = sorted(self._read - set(COMMON_KEYS))
             takes = f"; {type_name} takes: {', '.join(known)}" if known else ""
@@ -333,6 +337,20 @@ def _unbuilt(_entry: Any) -> None:
     raise HeraldError("this consumer was read without its handler")
 
 
+def _build(factory: Factory, options: Options, type_name: str, timeout: float) -> Handler:
+    try:
+        return factory(options, HandlerContext(consumer=options.consumer, timeout=timeout))
+    except ConfigError as exc:
+        # A required key reported missing is often one written with a typo: name
+        # the key as written.
+        unknown = options.unread()
+        if unknown and "is required" in str(exc):
+            missing = exc.setting.rsplit(".", 1)[-1]
+            problem = f"unknown key ({type_name} needs {missing!r})"
+            raise options.error(unknown[0], problem) from None
+        raise
+
+
 def _consumer(
     source: str,
     name: str,
@@ -386,7 +404,7 @@ def _consumer(
         )
     handler: Any = _unbuilt
     if build_handlers:
-        handler = types[type_name](options, HandlerContext(consumer=name, timeout=timeout))
+        handler = _build(types[type_name], options, type_name, timeout)
         try:
             options.check_unused(type_name)
         except HeraldError:

@@ -101,7 +101,9 @@ class Daemon:
     # -- in the background (the Python API) -----------------------------------------------
 
     def start(self) -> Daemon:
-        """Run in a background thread; :meth:`stop` ends it."""
+        """Run in a background thread (once; again is a no-op); :meth:`stop` ends it."""
+        if self._thread is not None:
+            return self
         self._thread = threading.Thread(
             target=self.run, args=(self._stop,), name="herald-daemon", daemon=True
         )
@@ -188,7 +190,9 @@ class Daemon:
                     self.ready.set()
                 timeout = max(0.0, min(next_claim - time.monotonic(), self.poll_interval))
                 if session is not None:
-                    if session.wait(timeout):
+                    # Short waits: a NOTIFY ends one at once, and a stop request is
+                    # seen within a quarter of a second.
+                    if session.wait(min(timeout, 0.25)):
                         for wake in self._wakes.values():
                             wake.set()
                 else:

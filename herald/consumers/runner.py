@@ -106,6 +106,7 @@ class _Call:
     started: float
     deadline: float
     started_at: Any
+    worker: Any = None
     abandoned: bool = False
 
 
@@ -130,11 +131,14 @@ class _Batch:
         self.delayed: list[tuple[float, int, _Item]] = []
         self.waiting: dict[str, deque[_Item]] = {}
         self.in_flight: set[_Call] = set()
-        self.remaining = len(self.items)
+        # Items finished by an earlier run (recorded beyond its offset at a clean stop).
+        self.remaining = sum(1 for item in self.items if item.final is None)
         #: items handed to a worker and not yet settled
         self.busy = 0
         self.stopping = False
         for item in self.items:
+            if item.final is not None:
+                continue
             if item.key is not None and item.key in self.waiting:
                 self.waiting[item.key].append(item)
                 continue
@@ -167,7 +171,12 @@ class _Batch:
             _, _, item = heapq.heappop(self.delayed)
             heapq.heappush(self.ready, (item.seq, id(item), item))
 
-    def deliver(self, item: _Item, handler: Callable[[LogEntry], Delivered | None]) -> bool:
+    def deliver(
+        self,
+        item: _Item,
+        handler: Callable[[LogEntry], Delivered | None],
+        worker: Any = None,
+    ) -> bool:
         """Make one attempt at ``item``; False if this worker was abandoned meanwhile."""
         consumer = self.consumer
         head = self.blocked.get(item.key) if item.key is not None else None
@@ -190,7 +199,7 @@ class _Batch:
                     self._done(item, "expired")
                 return True
         started = time.monotonic()
-        call = _Call(item, started, started + consumer.timeout, started_at)
+        call = _Call(item, started, started + consumer.timeout, started_at, worker)
         with self.cond:
             self.in_flight.add(call)
         error: str | None = None
@@ -304,6 +313,9 @@ class _Batch:
         late = [call for call in self.in_flight if call.deadline <= current]
         for call in late:
             call.abandoned = True
+            if call.worker is not None:
+                # The worker thread stays in the handler; it is replaced now.
+                call.worker.abandoned = True
             self.busy -= 1
             self.in_flight.discard(call)
             self._settle(
@@ -331,7 +343,7 @@ class _Worker(threading.Thread):
             if batch is None:
                 return
             while (item := batch.take()) is not None:
-                if not batch.deliver(item, runner.consumer.handler):
+                if not batch.deliver(item, runner.consumer.handler, self):
                     self.abandoned = True
                     return
 
@@ -364,6 +376,8 @@ class Runner(threading.Thread):
         self.offset = 0
         self.control = -1
         self.blocked: dict[str, int] = {}
+        #: events beyond the offset recorded by an earlier run: seq → (attempts, outcomes)
+        self.ahead: dict[int, tuple[int, set[str]]] = {}
         self._batch: _Batch | None = None
         self._batch_changed = threading.Condition()
         self._workers: list[_Worker] = []
@@ -382,6 +396,8 @@ class Runner(threading.Thread):
             # the batch's lock here while holding another would invert their order).
             with batch.cond:
                 batch.cond.notify_all()
+        with self._batch_changed:
+            self._batch_changed.notify_all()
 
     def wait_for_batch(self, worker: _Worker) -> _Batch | None:
         with self._batch_changed:
@@ -449,8 +465,11 @@ class Runner(threading.Thread):
             if row is None or row.owner != self.token:
                 raise LostClaim(self.consumer.name)
             self.offset = row.offset
-            self.control = row.control
+            # Not the row's control: requests made while no daemon ran the consumer
+            # are read at the first step.
+            self.control = -1
             self.blocked = store.parked_heads(conn, self.consumer.name)
+            self.ahead = store.finished_ahead(conn, self.consumer.name, self.offset)
             conn.rollback()
         self.metrics.committed(self.consumer.name, self.offset)
 
@@ -479,7 +498,22 @@ class Runner(threading.Thread):
 
     def _items(self, entries: Sequence[LogEntry]) -> list[_Item]:
         rule = self.consumer.rule
-        return [_Item(entry, build_key(entry), rule(entry)) for entry in entries]
+        items = [_Item(entry, build_key(entry), rule(entry)) for entry in entries]
+        for item in items:
+            done = self.ahead.pop(item.seq, None)
+            if done is None:
+                continue
+            # An earlier run stopped cleanly with this event recorded beyond its
+            # offset: finished ones are not delivered again, and attempts go on
+            # counting where they were.
+            attempts, outcomes = done
+            item.attempts = attempts
+            final = outcomes & {"delivered", "parked", "expired"}
+            if final:
+                item.final = sorted(final)[0]  # type: ignore[assignment]
+            elif "failed" in outcomes and item.rule == "ephemeral":
+                item.final = "failed"
+        return items
 
     def _run(self, batch: _Batch, on_progress: Callable[[_Batch], None] | None) -> None:
         """Hand ``batch`` to the workers; watch deadlines; commit progress as it comes."""
@@ -510,9 +544,17 @@ class Runner(threading.Thread):
         finally:
             with batch.cond:
                 # However this ends (done, stopped, a failed commit), no worker
-                # starts another event of this batch.
+                # starts another event of this batch, and the calls in flight end
+                # (or pass their deadline) before the batch is read again: a build's
+                # event is never in two calls at once.
                 batch.stopping = True
                 batch.cond.notify_all()
+                while batch.busy:
+                    deadline = batch.next_deadline()
+                    wait = 0.05 if deadline is None else deadline - time.monotonic()
+                    batch.cond.wait(max(0.001, min(wait, 0.5)))
+                    if batch.overdue():
+                        self._replace_abandoned()
             with self._batch_changed:
                 self._batch = None
 
@@ -560,6 +602,13 @@ class Runner(threading.Thread):
         progress(batch)
         if committed == len(batch.items) and self.offset < next_after:
             self._commit(next_after, [], [])
+        rest = [item for item in batch.items[committed:] if item.records]
+        if rest:
+            # A stop came before the batch was done: the offset stays before the first
+            # unfinished event, but what happened after it is kept (every attempt's
+            # record, and the parked events), so the next run does not deliver the
+            # finished ones again.
+            self._commit(self.offset, rest, [i.parked for i in rest if i.parked is not None])
 
     def _commit(self, offset: int, items: Sequence[_Item], parked: Sequence[ParkedRow]) -> None:
         records = [record for item in items for record in item.records]
@@ -591,6 +640,9 @@ class Runner(threading.Thread):
         # Unfinished ones (a stop came): left parked, with the request still set.
         with self.engine.connect() as conn:
             store.commit_redelivery(conn, self.consumer.name, self.token, records, finished, again)
+            # What is still parked (also events not asked for) keeps holding its build.
+            self.blocked = store.parked_heads(conn, self.consumer.name)
+            conn.rollback()
         log.info(
             "consumer %s: redelivered %d parked events, %d parked again",
             self.consumer.name,

@@ -47,6 +47,7 @@ __all__ = [
     "consumer_row",
     "discard_parked",
     "ensure_consumer",
+    "finished_ahead",
     "last_errors",
     "now",
     "parked_counts",
@@ -260,6 +261,24 @@ def commit_batch(
             conn.execute(deliveries.insert(), [r.row(name) for r in records])
         if parked_rows:
             conn.execute(parked.insert(), [p.row(name) for p in parked_rows])
+
+
+def finished_ahead(conn: sa.Connection, name: str, offset: int) -> dict[int, tuple[int, set[str]]]:
+    """Live records beyond the offset (a clean stop mid-batch): seq → (attempts, outcomes)."""
+    found: dict[int, tuple[int, set[str]]] = {}
+    with translated():
+        rows = conn.execute(
+            sa.select(deliveries.c.seq, deliveries.c.attempt, deliveries.c.outcome).where(
+                deliveries.c.consumer == name,
+                deliveries.c.seq > offset,
+                deliveries.c.kind == "live",
+            )
+        ).all()
+    for seq, attempt, outcome in rows:
+        attempts, outcomes = found.get(seq, (0, set()))
+        outcomes.add(outcome)
+        found[seq] = (max(attempts, attempt), outcomes)
+    return found
 
 
 def parked_heads(conn: sa.Connection, name: str) -> dict[str, int]:
