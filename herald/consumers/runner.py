@@ -90,6 +90,8 @@ class _Item:
     key: str | None
     rule: Literal["at_least_once", "ephemeral"]
     attempts: int = 0
+    #: attempts made before this delivery began (a redelivery gets a fresh budget)
+    earlier: int = 0
     not_before: float = 0.0
     records: list[Record] = field(default_factory=list)
     parked: ParkedRow | None = None
@@ -270,7 +272,11 @@ class _Batch:
         elif item.rule == "ephemeral":
             self._record(item, "failed", started_at, seconds, error, status, detail)
             self._done(item, "failed")
-        elif retry and item.attempts < self.consumer.max_attempts and not self.stopping:
+        elif (
+            retry
+            and item.attempts - item.earlier < self.consumer.max_attempts
+            and not self.stopping
+        ):
             self._record(item, "failed", started_at, seconds, error, status, detail)
             state = RetryCallState(self._retrying, None, (), {})
             state.attempt_number = item.attempts
@@ -626,7 +632,13 @@ class Runner(threading.Thread):
             self.blocked.pop(key, None)
         items = []
         for row, entry in requests:
-            item = _Item(entry, row.key, self.consumer.rule(entry), attempts=row.attempts)
+            item = _Item(
+                entry,
+                row.key,
+                self.consumer.rule(entry),
+                attempts=row.attempts,
+                earlier=row.attempts,
+            )
             items.append(item)
         batch = _Batch(self.consumer, items, self.blocked, "redelivery", self.metrics)
         self._run(batch, None)
