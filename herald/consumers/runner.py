@@ -52,6 +52,7 @@ from herald.consumers.model import Consumer, Delivered, DeliveryFailed, Outcome,
 from herald.consumers.store import ParkedRow, Record
 from herald.errors import LostClaim, TransientDatabaseError
 from herald.outbox import LogEntry, read_page
+from herald.schema.dberrors import translated
 
 __all__ = ["Metrics", "NullMetrics", "Runner", "deliver_batch"]
 
@@ -450,10 +451,14 @@ class Runner(threading.Thread):
         loaded = False
         while not self.stop_requested.is_set():
             try:
-                if not loaded:
-                    self._load()
-                    loaded = True
-                at_head = self._step()
+                # translated(): a connection that dies while it is opened, rolled
+                # back or returned to the pool is as transient as one that dies in
+                # a query.
+                with translated():
+                    if not loaded:
+                        self._load()
+                        loaded = True
+                    at_head = self._step()
                 backoff = 0.05
             except TransientDatabaseError as exc:
                 log.warning("consumer %s: %s; retrying in %.2f s", self.consumer.name, exc, backoff)
