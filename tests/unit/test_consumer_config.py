@@ -367,7 +367,7 @@ BAD: list[tuple[str, str, str]] = [
     (
         "typo",
         '[consumers.a]\ntype = "webhook"\ntopics = "*"\nurll = "http://h/"\n',
-        "consumers.a.url: is required",
+        "consumers.a.urll: unknown key (webhook needs 'url')",
     ),
     (
         "typo next to the real key",
