@@ -43,6 +43,7 @@ test: lint typecheck postgres
 bench: $(STAMP) postgres
 	$(BIN)/python -m bench.append_throughput
 	$(BIN)/python -m bench.unit_of_work
+	$(BIN)/python -m bench.consumers
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(DEMO_DB)*
