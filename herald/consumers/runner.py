@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import sqlalchemy as sa
-from tenacity import RetryCallState, Retrying, wait_exponential
+from tenacity import RetryCallState, Retrying, wait_exponential, wait_random
 
 from herald.consumers import store
 from herald.consumers.model import Consumer, Delivered, DeliveryFailed, Outcome, build_key
@@ -447,7 +447,10 @@ class Runner(threading.Thread):
                 worker.start()
 
     def _loop(self) -> None:
-        backoff = 0.05
+        # Reconnecting: tenacity's exponential backoff with jitter, 50 ms up to 5 s.
+        backoff_for = wait_exponential(multiplier=0.05, max=5.0) + wait_random(0, 0.05)
+        state = RetryCallState(Retrying(), None, (), {})
+        failures = 0
         loaded = False
         while not self.stop_requested.is_set():
             try:
@@ -459,11 +462,13 @@ class Runner(threading.Thread):
                         self._load()
                         loaded = True
                     at_head = self._step()
-                backoff = 0.05
+                failures = 0
             except TransientDatabaseError as exc:
+                failures += 1
+                state.attempt_number = failures
+                backoff = backoff_for(state)
                 log.warning("consumer %s: %s; retrying in %.2f s", self.consumer.name, exc, backoff)
                 self.stop_requested.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
                 loaded = False  # the commit may or may not have landed: read the offset again
                 continue
             if at_head and not self.stop_requested.is_set():
