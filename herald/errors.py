@@ -155,7 +155,7 @@ class UnknownConsumer(UsageError):
     """No such consumer."""
 
     def __init__(self, name: str, known: list[str] | None = None) -> None:
-        hint = f"; known: {', '.join(known)}" if known else "; none is configured or has run"
+        hint = f"; known: {', '.join(known)}" if known else "; no consumer has run on this database"
         super().__init__(f"unknown consumer {name!r}{hint}", consumer=name)
         self.consumer = name
 

@@ -34,7 +34,6 @@ from herald.consumers.model import Consumer, Delivered
 from herald.consumers.store import Record
 from herald.errors import UsageError, WaitTimeout
 from herald.outbox import LogEntry
-from herald.schema import deliveries
 from herald.schema.dberrors import translated
 
 __all__ = ["Subscriptions", "wait_for"]
@@ -78,28 +77,6 @@ class Subscriptions:
         return Daemon(self.engine, self.consumers, **self.daemon_options).start()
 
 
-def _last_record(conn: sa.Connection, consumer: str, seq: int) -> Record | None:
-    row = conn.execute(
-        sa.select(deliveries)
-        .where(deliveries.c.consumer == consumer, deliveries.c.seq == seq)
-        .order_by(deliveries.c.id.desc())
-        .limit(1)
-    ).one_or_none()
-    if row is None:
-        return None
-    return Record(
-        seq=row.seq,
-        attempt=row.attempt,
-        outcome=row.outcome,
-        started_at=row.started_at,
-        duration_ms=row.duration_ms,
-        error=row.error,
-        http_status=row.http_status,
-        detail=row.detail,
-        kind=row.kind,
-    )
-
-
 def wait_for(engine: sa.Engine, consumer: str, seq: int, timeout: float = 30.0) -> Record | None:
     """Wait until ``consumer`` has finished ``seq``; its last delivery record.
 
@@ -116,7 +93,7 @@ def wait_for(engine: sa.Engine, consumer: str, seq: int, timeout: float = 30.0) 
             row = store.consumer_row(conn, consumer)
             offset = row.offset if row is not None else 0
             if offset >= seq:
-                return _last_record(conn, consumer, seq)
+                return store.last_record(conn, consumer, seq)
             conn.rollback()
         left = deadline - time.monotonic()
         if left <= 0:

@@ -33,7 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from herald.consumers.model import Outcome, validate_name
 from herald.errors import LostClaim, NotParked, UnknownConsumer
 from herald.outbox import LogEntry
-from herald.outbox.reader import entries_at, head
+from herald.outbox.reader import entries_at
 from herald.schema import consumers, deliveries, parked
 from herald.schema.dberrors import translated
 
@@ -45,13 +45,14 @@ __all__ = [
     "commit_batch",
     "commit_redelivery",
     "consumer_row",
+    "consumer_rows",
     "discard_parked",
     "ensure_consumer",
     "finished_ahead",
     "last_errors",
+    "last_record",
     "now",
     "parked_counts",
-    "parked_entries",
     "parked_heads",
     "parked_rows",
     "redeliver_requests",
@@ -281,6 +282,30 @@ def finished_ahead(conn: sa.Connection, name: str, offset: int) -> dict[int, tup
     return found
 
 
+def last_record(conn: sa.Connection, name: str, seq: int) -> Record | None:
+    """The consumer's newest delivery record of ``seq`` (None: it has none)."""
+    with translated():
+        row = conn.execute(
+            sa.select(deliveries)
+            .where(deliveries.c.consumer == name, deliveries.c.seq == seq)
+            .order_by(deliveries.c.id.desc())
+            .limit(1)
+        ).one_or_none()
+    if row is None:
+        return None
+    return Record(
+        seq=row.seq,
+        attempt=row.attempt,
+        outcome=row.outcome,
+        started_at=_aware(row.started_at) or now(),
+        duration_ms=row.duration_ms,
+        error=row.error,
+        http_status=row.http_status,
+        detail=row.detail,
+        kind=row.kind,
+    )
+
+
 def parked_heads(conn: sa.Connection, name: str) -> dict[str, int]:
     """The builds (keys) with a parked event for this consumer: key → its first parked seq."""
     with translated():
@@ -437,12 +462,6 @@ def redeliver_requests(conn: sa.Connection, name: str) -> list[tuple[ParkedRow, 
     return [(r, found[r.seq]) for r in rows if r.seq in found]
 
 
-def parked_entries(conn: sa.Connection, seqs: Sequence[int]) -> dict[int, LogEntry]:
-    """The log entries at these seqs."""
-    with translated():
-        return entries_at(conn, seqs)
-
-
 def commit_redelivery(
     conn: sa.Connection,
     name: str,
@@ -472,8 +491,3 @@ def commit_redelivery(
                     attempts=row.attempts, error=row.error, held_by=row.held_by, redeliver=False
                 )
             )
-
-
-def lag(conn: sa.Connection, offset: int) -> int:
-    """How many seqs the log holds after ``offset``."""
-    return max(0, head(conn) - offset)
