@@ -134,8 +134,10 @@ class Daemon:
         if stop is not self._stop:
             # One flag for both ways of stopping (a signal handler's event, or stop()).
             def relay() -> None:
-                stop.wait()
-                self._stop.set()
+                # Ends with the daemon too, whichever flag is set first.
+                while not self._stop.is_set():
+                    if stop.wait(0.1):
+                        self._stop.set()
 
             threading.Thread(target=relay, daemon=True, name="herald-stop").start()
         sequencer_stop = threading.Event()
@@ -169,6 +171,7 @@ class Daemon:
                     except sa_exc.SQLAlchemyError as exc:
                         raise translate(exc) from exc
         finally:
+            self._stop.set()  # also when an error ends the daemon: the relay thread ends
             self._stop_runners()
             sequencer_stop.set()
             if sequencer_thread is not None:
