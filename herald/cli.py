@@ -34,8 +34,10 @@ from tenacity import (
 )
 
 from herald import __version__
+from herald.cli_audit import audit_group
 from herald.cli_common import State, pass_state, stop_on_signals
 from herald.cli_consumers import consumers_command, parked_group, run_command
+from herald.cli_roles import roles_command
 from herald.config import DATABASE_URL_SETTING, DEFAULT_DATABASE_URL
 from herald.domain import CATALOGUE, DELIVERIES, MAX_PAYLOAD_BYTES, TOPIC_PATTERN, hydra_form
 from herald.domain.build import MESSAGE_TYPES, STATUS_NAMES, STEP_STATUS_NAMES, status_text
@@ -797,6 +799,8 @@ def demo_command(state: State, builds: int, writers: int, seed: int) -> None:
 cli.add_command(run_command)
 cli.add_command(consumers_command)
 cli.add_command(parked_group)
+cli.add_command(audit_group)
+db.add_command(roles_command)
 
 
 # -- entry point ---------------------------------------------------------------

@@ -34,6 +34,7 @@ __all__ = [
     "events",
     "log_order",
     "metadata",
+    "operations",
     "parked",
     "sequencer_state",
     "topics",
@@ -130,6 +131,8 @@ events = sa.Table(
     sqlite_autoincrement=True,
 )
 sa.Index("ix_herald_events_tx", events.c.tx)
+# `--since` / `--until` and prune's age test find their first event through it.
+sa.Index("ix_herald_events_recorded_at", events.c.recorded_at)
 sa.Index("ix_herald_events_topic", events.c.topic, events.c.position)
 sa.Index(
     "uq_herald_events_dedupe_key",
@@ -301,6 +304,13 @@ consumers = sa.Table(
     sa.Column("owner", sa.String(200), nullable=True),
     sa.Column("lease_until", _Timestamp, nullable=True),
     sa.Column("control", sa.BigInteger(), nullable=False, server_default="0"),
+    # Bumped by every `herald consumers reset`: the daemon running the consumer
+    # re-reads its offset at the next batch, and its commits of the batch in
+    # flight keep their records but no longer move the offset.
+    sa.Column("epoch", sa.BigInteger(), nullable=False, server_default="0"),
+    # The newest delivery record id at the last reset: live records at or below
+    # it are history, never "already finished" work of the current run.
+    sa.Column("records_floor", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("created_at", _Timestamp, nullable=False, server_default=sa.func.now()),
     sa.Column("updated_at", _Timestamp, nullable=False, server_default=sa.func.now()),
     sa.CheckConstraint("offset_seq >= 0", name="offset_seq"),
@@ -337,6 +347,7 @@ deliveries = sa.Table(
 )
 sa.Index("ix_herald_deliveries_consumer_seq", deliveries.c.consumer, deliveries.c.seq)
 sa.Index("ix_herald_deliveries_seq", deliveries.c.seq)
+sa.Index("ix_herald_deliveries_consumer_started_at", deliveries.c.consumer, deliveries.c.started_at)
 
 #: The events a consumer has parked and not yet had redelivered or discarded.
 #: ``held_by`` is the seq of an earlier parked event of the same build (``key``)
@@ -358,3 +369,27 @@ parked = sa.Table(
 
 #: The consumer tables, for tests and tools that need to know them.
 CONSUMER_TABLES: Final = (consumers, deliveries, parked)
+
+# -- operations: what operators did to consumers and to the log ----------------------
+
+#: One row per operator action that changes what a consumer reads or what the
+#: log holds: ``reset`` (a consumer's offset moved: detail has from, to, how,
+#: forced), ``replay`` (a range delivered again without moving the offset:
+#: from, to, counts) and ``prune`` (events deleted: the seq range, counts, the
+#: age limit). ``actor`` is the operating-system user and host that ran the
+#: command, ``db_user`` the database role it connected as (PostgreSQL).
+operations = sa.Table(
+    "herald_operations",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("consumer", sa.String(200), nullable=True),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("db_user", sa.String(200), nullable=True),
+    sa.Column("at", _Timestamp, nullable=False, server_default=sa.func.now()),
+    sa.Column("detail", _Json, nullable=False),
+    sa.CheckConstraint("action IN ('reset', 'replay', 'prune')", name="action"),
+    sqlite_autoincrement=True,
+)
+sa.Index("ix_herald_operations_consumer_id", operations.c.consumer, operations.c.id)
+sa.Index("ix_herald_operations_action_id", operations.c.action, operations.c.id)
