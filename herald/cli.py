@@ -36,25 +36,33 @@ from tenacity import (
 from herald import __version__
 from herald.cli_audit import audit_group
 from herald.cli_common import State, pass_state, stop_on_signals
-from herald.cli_consumers import consumers_command, parked_group, run_command
+from herald.cli_consumers import consumers_group, parked_group, run_command
+from herald.cli_prune import prune_command
+from herald.cli_replay import replay_command, reset_command
 from herald.cli_roles import roles_command
 from herald.config import DATABASE_URL_SETTING, DEFAULT_DATABASE_URL
 from herald.domain import CATALOGUE, DELIVERIES, MAX_PAYLOAD_BYTES, TOPIC_PATTERN, hydra_form
 from herald.domain.build import MESSAGE_TYPES, STATUS_NAMES, STEP_STATUS_NAMES, status_text
 from herald.errors import HeraldError, UnknownAggregate, UsageError, VersionConflict
 from herald.outbox import (
+    EventFilter,
     LogEntry,
     LogReader,
+    Sequencer,
     TopicFilter,
     UnitOfWork,
     append,
     farm,
+    first_seq_since,
+    head,
+    last_seq_until,
     sync_catalogue,
 )
 from herald.outbox.projector import check, rebuild
 from herald.outbox.reader import MAX_SEQ
 from herald.schema import build_messages, build_steps, builds, migrate
 from herald.schema.dberrors import translated
+from herald.times import parse_time
 
 __all__ = ["SentMessage", "build_view", "cli", "main", "send_message"]
 
@@ -237,6 +245,43 @@ def _format(entry: LogEntry) -> str:
     metavar="TOPIC",
     help="Only these topics; * is a wildcard (build_*). Repeatable.",
 )
+@click.option(
+    "--since",
+    default=None,
+    metavar="TIME",
+    help="Start at the first event recorded at or after TIME (ISO 8601, UTC unless zoned; "
+    "or an age ago: 30m, 12h, 7d).",
+)
+@click.option(
+    "--until",
+    default=None,
+    metavar="SEQ|TIME",
+    help="Stop after this seq, or after the last event recorded at or before TIME.",
+)
+@click.option(
+    "--build",
+    "build_id",
+    type=click.IntRange(min=1, max=MAX_ID),
+    default=None,
+    metavar="ID",
+    help="Only events about this build.",
+)
+@click.option(
+    "--eval",
+    "eval_id",
+    type=click.IntRange(min=1, max=MAX_ID),
+    default=None,
+    metavar="ID",
+    help="Only events about this evaluation.",
+)
+@click.option(
+    "--jobset",
+    "jobset_id",
+    type=click.IntRange(min=1, max=MAX_ID),
+    default=None,
+    metavar="ID",
+    help="Only events about this jobset (its evaluations and builds).",
+)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events as they arrive.")
 @click.option(
     "--format",
@@ -253,11 +298,20 @@ def log_command(
     from_seq: int,
     limit: int | None,
     topics: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    build_id: int | None,
+    eval_id: int | None,
+    jobset_id: int | None,
     follow: bool,
     output_format: str,
     as_json: bool,
 ) -> None:
     """Print the log from any seq, oldest first.
+
+    --from/--since say where to start, --until where to stop; --build,
+    --eval and --jobset keep the events about one build, evaluation or
+    jobset.
 
     Lines are `seq  recorded_at  topic  payload`; with --format json (or
     --json) one object a line with seq, position, topic, payload, delivery,
@@ -267,11 +321,35 @@ def log_command(
     skipped). --limit counts the lines printed.
     """
     render = _log_renderer(_log_format(output_format, as_json))
-    reader = LogReader(state.engine(), TopicFilter(topics))
+    if since is not None and _given("from_seq"):
+        raise click.UsageError("--from and --since both say where to start; give one")
+    if until is not None and follow:
+        raise click.UsageError("--until stops the output and --follow never does; give one")
+    start = parse_time(since, "--since") if since is not None else None
+    end_time = None if until is None or until.isdigit() else parse_time(until, "--until")
+    narrow = EventFilter(build_id, eval_id, jobset_id)
+    topic_filter = TopicFilter(topics)
+    engine = state.engine()
+    reader = LogReader(engine, topic_filter, narrow)
+    with engine.connect() as conn:
+        # Order what has committed, so that --since/--until see every event.
+        Sequencer().cycle(conn)
+        if narrow:
+            narrow.check(conn)
+        after = from_seq - 1
+        if start is not None:
+            found = first_seq_since(conn, start)
+            after = head(conn) if found is None else found - 1
+        until_seq = None
+        if end_time is not None:
+            until_seq = last_seq_until(conn, end_time)
+        elif until is not None:
+            until_seq = _seq_option(until, "--until")
+        conn.rollback()
     stop = threading.Event()
     printed = 0
     with stop_on_signals(stop):
-        for entry in _entries(reader, from_seq - 1, follow, stop):
+        for entry in _entries(reader, after, follow, stop, until_seq):
             line = render(entry)
             if line is None:
                 continue
@@ -311,13 +389,33 @@ def _hydra_line(entry: LogEntry) -> str | None:
         return None  # a custom or herald.* topic: Hydra never had it
 
 
+def _given(parameter: str) -> bool:
+    """Whether the current command's ``parameter`` was given (command line or environment)."""
+    source = click.get_current_context().get_parameter_source(parameter)
+    return source in (
+        click.core.ParameterSource.COMMANDLINE,
+        click.core.ParameterSource.ENVIRONMENT,
+    )
+
+
+def _seq_option(text: str, option: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_SEQ:
+        raise UsageError(f"{option}: a seq is between 1 and {MAX_SEQ}, not {text}")
+    return value
+
+
 def _entries(
-    reader: LogReader, after: int, follow: bool, stop: threading.Event
+    reader: LogReader,
+    after: int,
+    follow: bool,
+    stop: threading.Event,
+    until_seq: int | None = None,
 ) -> Iterator[LogEntry]:
     if follow:
         yield from reader.follow(after, stop=stop)
-    else:
-        yield from reader.until_head(after)
+    elif until_seq is None or until_seq > after:
+        yield from reader.until_head(after, until_seq=until_seq)
 
 
 # -- topics ------------------------------------------------------------------
@@ -797,7 +895,10 @@ def demo_command(state: State, builds: int, writers: int, seed: int) -> None:
 # -- the consumer side (run, consumers, parked) -------------------------------------
 
 cli.add_command(run_command)
-cli.add_command(consumers_command)
+cli.add_command(consumers_group)
+consumers_group.add_command(reset_command)
+cli.add_command(replay_command)
+cli.add_command(prune_command)
 cli.add_command(parked_group)
 cli.add_command(audit_group)
 db.add_command(roles_command)

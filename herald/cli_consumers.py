@@ -38,9 +38,9 @@ from herald.schema import CONSUMER_LOCK_CLASS
 from herald.schema.dberrors import translated
 from herald.schema.queries import query
 
-__all__ = ["consumers_command", "parked_group", "run_command"]
+__all__ = ["CONFIG_OPTION", "consumers_group", "consumers_running", "parked_group", "run_command"]
 
-_CONFIG_OPTION = click.option(
+CONFIG_OPTION = click.option(
     "--config",
     "config_path",
     # Read by load_config itself, so that an error names the setting the operator used.
@@ -57,7 +57,7 @@ _CONFIG_OPTION = click.option(
 
 
 @click.command("run")
-@_CONFIG_OPTION
+@CONFIG_OPTION
 @click.option(
     "--metrics-port",
     type=click.IntRange(min=1, max=65535),
@@ -142,7 +142,7 @@ def _load_listing_config(config_path: str | None) -> Config:
     return load_config(config_path, build_handlers=False)
 
 
-def _running(conn: sa.Connection) -> dict[str, str]:
+def consumers_running(conn: sa.Connection) -> dict[str, str]:
     """Consumers that a live daemon runs right now, with what runs them."""
     rows = consumer_rows(conn)
     if conn.dialect.name == "postgresql":
@@ -163,7 +163,7 @@ def consumer_listing(conn: sa.Connection, config: Config) -> list[dict[str, Any]
         top = head(conn)
         rows = {r.name: r for r in consumer_rows(conn)}
         parked = parked_counts(conn)
-        running = _running(conn)
+        running = consumers_running(conn)
         names = [c.name for c in config.consumers] + sorted(
             n for n in rows if config.consumer(n) is None
         )
@@ -195,16 +195,26 @@ def consumer_listing(conn: sa.Connection, config: Config) -> list[dict[str, Any]
     return listing
 
 
-@click.command("consumers")
-@_CONFIG_OPTION
+@click.group("consumers", invoke_without_command=True)
+@CONFIG_OPTION
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per consumer.")
-@pass_state
-def consumers_command(state: State, config_path: str | None, as_json: bool) -> None:
-    """List the consumers: offset, lag, parked events, who runs them, last error.
+@click.pass_context
+def consumers_group(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
+    """List the consumers (`herald consumers`, or `herald consumers list`); reset one.
 
     Consumers come from the configuration file and from the database (one that
     ran once but is no longer configured is listed as such).
     """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(consumers_list, config_path=config_path, as_json=as_json)
+
+
+@consumers_group.command("list")
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per consumer.")
+@pass_state
+def consumers_list(state: State, config_path: str | None, as_json: bool) -> None:
+    """List the consumers: offset, lag, parked events, who runs them, last error."""
     config = _load_listing_config(config_path)
     engine = state.engine()
     with engine.connect() as conn:
@@ -331,7 +341,7 @@ def parked_redeliver(
     with engine.begin() as conn:
         _known(conn, consumer)
         chosen = request_redelivery(conn, consumer, None if everything else seq)
-        running = consumer in _running(conn)
+        running = consumer in consumers_running(conn)
         if conn.dialect.name == "postgresql":
             conn.execute(query("consumers_wake"))  # delivered at commit
     if not chosen:

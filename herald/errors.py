@@ -15,6 +15,7 @@ from typing import Any
 __all__ = [
     "AppendOnlyViolation",
     "ConfigError",
+    "ConsumerBusy",
     "DatabaseError",
     "DatabaseUnavailable",
     "HeraldError",
@@ -158,6 +159,20 @@ class UnknownConsumer(UsageError):
         hint = f"; known: {', '.join(known)}" if known else "; no consumer has run on this database"
         super().__init__(f"unknown consumer {name!r}{hint}", consumer=name)
         self.consumer = name
+
+
+class ConsumerBusy(HeraldError):
+    """A live daemon runs the consumer; nothing was changed."""
+
+    def __init__(self, consumer: str, run_by: str, change: str) -> None:
+        super().__init__(
+            f"consumer {consumer!r} is being run by {run_by} right now; {change} refused "
+            "(stop that `herald run` first, or give --force: it then takes the change at "
+            "its next batch)",
+            consumer=consumer,
+        )
+        self.consumer = consumer
+        self.run_by = run_by
 
 
 class NotParked(UsageError):

@@ -189,7 +189,7 @@ class _Batch:
                 self._held(item, head)
             return True
         started_at = store.now()
-        if item.rule == "ephemeral":
+        if item.rule == "ephemeral" and self.kind != "replay":
             age = (started_at - item.entry.recorded_at).total_seconds()
             if age > consumer.staleness:
                 with self.cond:
@@ -287,6 +287,10 @@ class _Batch:
         elif retry and self.stopping:
             # Stopping: the event stays unfinished (not parked); the next run retries it.
             self._record(item, "failed", started_at, seconds, error, status, detail)
+        elif self.kind == "replay":
+            # A replay parks nothing: its failures are recorded, the live run is untouched.
+            self._record(item, "failed", started_at, seconds, error, status, detail)
+            self._done(item, "failed")
         else:
             self._record(item, "parked", started_at, seconds, error, status, detail)
             item.parked = ParkedRow(item.seq, item.key, None, item.attempts, error)
@@ -381,8 +385,12 @@ class Runner(threading.Thread):
         self.on_exit = on_exit
         self.stop_requested = threading.Event()
         self.offset = 0
+        #: the consumer's epoch when its offset was read (a reset bumps it)
+        self.epoch = 0
         self.control = -1
         self.blocked: dict[str, int] = {}
+        #: seqs beyond the offset that are parked already (after a reset moved it back)
+        self.parked_ahead: set[int] = set()
         #: events beyond the offset recorded by an earlier run: seq → (attempts, outcomes)
         self.ahead: dict[int, tuple[int, set[str]]] = {}
         self._batch: _Batch | None = None
@@ -481,11 +489,15 @@ class Runner(threading.Thread):
             if row is None or row.owner != self.token:
                 raise LostClaim(self.consumer.name)
             self.offset = row.offset
+            self.epoch = row.epoch
             # Not the row's control: requests made while no daemon ran the consumer
             # are read at the first step.
             self.control = -1
             self.blocked = store.parked_heads(conn, self.consumer.name)
-            self.ahead = store.finished_ahead(conn, self.consumer.name, self.offset)
+            self.parked_ahead = store.parked_seqs_after(conn, self.consumer.name, self.offset)
+            self.ahead = store.finished_ahead(
+                conn, self.consumer.name, self.offset, row.records_floor
+            )
             conn.rollback()
         self.metrics.committed(self.consumer.name, self.offset)
 
@@ -496,6 +508,13 @@ class Runner(threading.Thread):
             row = store.consumer_row(conn, consumer.name)
             if row is None or row.owner != self.token:
                 raise LostClaim(consumer.name)
+            if row.epoch != self.epoch:
+                conn.rollback()
+                log.warning(
+                    "consumer %s was reset: offset %d -> %d", consumer.name, self.offset, row.offset
+                )
+                self._load()
+                return False
             requests = None
             if row.control != self.control:
                 self.blocked = store.parked_heads(conn, consumer.name)
@@ -516,6 +535,12 @@ class Runner(threading.Thread):
         rule = self.consumer.rule
         items = [_Item(entry, build_key(entry), rule(entry)) for entry in entries]
         for item in items:
+            if item.seq in self.parked_ahead:
+                # Parked before a reset moved the offset back: it stays parked (an
+                # operator redelivers or discards it), and is not delivered again.
+                self.parked_ahead.discard(item.seq)
+                item.final = "parked"
+                continue
             done = self.ahead.pop(item.seq, None)
             if done is None:
                 continue
@@ -629,11 +654,21 @@ class Runner(threading.Thread):
     def _commit(self, offset: int, items: Sequence[_Item], parked: Sequence[ParkedRow]) -> None:
         records = [record for item in items for record in item.records]
         with self.engine.connect() as conn:
-            store.commit_batch(
-                conn, self.consumer.name, self.token, self.offset, offset, records, parked
+            moved = store.commit_batch(
+                conn,
+                self.consumer.name,
+                self.token,
+                self.epoch,
+                self.offset,
+                offset,
+                records,
+                parked,
             )
-        self.offset = offset
-        self.metrics.committed(self.consumer.name, offset)
+        if moved:
+            self.offset = offset
+            self.metrics.committed(self.consumer.name, offset)
+        # Otherwise an operator reset the consumer: the batch in flight is recorded
+        # all the same, and the next step reads the new offset.
 
     def _redeliver(self, requests: Sequence[tuple[ParkedRow, LogEntry]]) -> None:
         """Deliver the parked events an operator asked for, in seq order per build."""

@@ -49,15 +49,18 @@ __all__ = [
     "discard_parked",
     "ensure_consumer",
     "finished_ahead",
+    "insert_records",
     "last_errors",
     "last_record",
     "now",
     "parked_counts",
     "parked_heads",
     "parked_rows",
+    "parked_seqs_after",
     "redeliver_requests",
     "release",
     "request_redelivery",
+    "reset_offset",
     "set_owner",
 ]
 
@@ -82,6 +85,10 @@ class ConsumerRow:
     lease_until: datetime | None
     control: int
     updated_at: datetime | None = None
+    #: bumped by every reset (``herald consumers reset``)
+    epoch: int = 0
+    #: the newest delivery record id at the last reset
+    records_floor: int = 0
 
 
 @dataclass(slots=True)
@@ -165,13 +172,19 @@ def consumer_row(conn: sa.Connection, name: str) -> ConsumerRow | None:
                 consumers.c.lease_until,
                 consumers.c.control,
                 consumers.c.updated_at,
+                consumers.c.epoch,
+                consumers.c.records_floor,
             ).where(consumers.c.name == name)
         ).one_or_none()
     if row is None:
         return None
+    return _consumer(row)
+
+
+def _consumer(row: Any) -> ConsumerRow:
     return ConsumerRow(
         row.name, row.offset_seq, row.owner, _aware(row.lease_until), row.control,
-        _aware(row.updated_at),
+        _aware(row.updated_at), row.epoch, row.records_floor,
     )  # fmt: skip
 
 
@@ -179,12 +192,7 @@ def consumer_rows(conn: sa.Connection) -> list[ConsumerRow]:
     """Every consumer that has a row, by name."""
     with translated():
         rows = conn.execute(sa.select(consumers).order_by(consumers.c.name)).all()
-    return [
-        ConsumerRow(
-            r.name, r.offset_seq, r.owner, _aware(r.lease_until), r.control, _aware(r.updated_at)
-        )
-        for r in rows
-    ]
+    return [_consumer(r) for r in rows]
 
 
 def set_owner(conn: sa.Connection, name: str, token: str, lease: float) -> None:
@@ -228,44 +236,78 @@ def release(conn: sa.Connection, name: str, token: str) -> None:
         )
 
 
-def _fence(conn: sa.Connection, name: str, token: str, old: int, new: int) -> None:
+def _fence(conn: sa.Connection, name: str, token: str, epoch: int, old: int, new: int) -> bool:
+    """Move the offset from ``old`` to ``new`` if this claim and epoch still hold.
+
+    False: the consumer was reset since ``epoch`` (the offset is the
+    operator's now). Raises LostClaim if another process owns it.
+    """
     result = conn.execute(
         consumers.update()
         .where(
             consumers.c.name == name,
             consumers.c.owner == token,
+            consumers.c.epoch == epoch,
             consumers.c.offset_seq == old,
         )
         .values(offset_seq=new, updated_at=now())
     )
-    if result.rowcount != 1:
+    if result.rowcount == 1:
+        return True
+    row = conn.execute(
+        sa.select(consumers.c.owner, consumers.c.epoch).where(consumers.c.name == name)
+    ).one_or_none()
+    if row is None or row.owner != token or row.epoch == epoch:
         raise LostClaim(name)
+    return False
 
 
 def commit_batch(
     conn: sa.Connection,
     name: str,
     token: str,
+    epoch: int,
     old_offset: int,
     new_offset: int,
     records: Sequence[Record],
     parked_rows: Sequence[ParkedRow] = (),
-) -> None:
+) -> bool:
     """Advance the offset and write the batch's records and parked events, in one transaction.
 
-    Raises :class:`~herald.errors.LostClaim` (and writes nothing) if another
-    process owns the consumer now or the offset moved under this one.
+    Returns False if an operator reset the consumer since ``epoch``: the
+    records and parked events are written all the same (those attempts
+    happened), the offset stays where the reset put it, and the records floor
+    moves past them so that a run after the reset never mistakes them for its
+    own finished work. Raises :class:`~herald.errors.LostClaim` (and writes
+    nothing) if another process owns the consumer now.
     """
     with translated(), conn.begin():
-        _fence(conn, name, token, old_offset, new_offset)
+        moved = _fence(conn, name, token, epoch, old_offset, new_offset)
         if records:
             conn.execute(deliveries.insert(), [r.row(name) for r in records])
         if parked_rows:
             conn.execute(parked.insert(), [p.row(name) for p in parked_rows])
+        if not moved:
+            conn.execute(
+                consumers.update()
+                .where(consumers.c.name == name)
+                .values(records_floor=_newest_record())
+            )
+        return moved
 
 
-def finished_ahead(conn: sa.Connection, name: str, offset: int) -> dict[int, tuple[int, set[str]]]:
-    """Live records beyond the offset (a clean stop mid-batch): seq → (attempts, outcomes)."""
+def _newest_record() -> sa.ScalarSelect[Any]:
+    return sa.select(sa.func.coalesce(sa.func.max(deliveries.c.id), 0)).scalar_subquery()
+
+
+def finished_ahead(
+    conn: sa.Connection, name: str, offset: int, floor: int = 0
+) -> dict[int, tuple[int, set[str]]]:
+    """Live records beyond the offset (a clean stop mid-batch): seq → (attempts, outcomes).
+
+    Only records newer than ``floor`` (the newest record at the last reset)
+    count: older ones are history the reset asked to deliver again.
+    """
     found: dict[int, tuple[int, set[str]]] = {}
     with translated():
         rows = conn.execute(
@@ -273,6 +315,7 @@ def finished_ahead(conn: sa.Connection, name: str, offset: int) -> dict[int, tup
                 deliveries.c.consumer == name,
                 deliveries.c.seq > offset,
                 deliveries.c.kind == "live",
+                deliveries.c.id > floor,
             )
         ).all()
     for seq, attempt, outcome in rows:
@@ -348,6 +391,16 @@ def parked_rows(conn: sa.Connection, name: str | None = None) -> list[ParkedRow]
         )
         for r in rows
     ]
+
+
+def parked_seqs_after(conn: sa.Connection, name: str, offset: int) -> set[int]:
+    """The consumer's parked seqs beyond ``offset`` (after a reset moved it back)."""
+    with translated():
+        return set(
+            conn.execute(
+                sa.select(parked.c.seq).where(parked.c.consumer == name, parked.c.seq > offset)
+            ).scalars()
+        )
 
 
 def parked_counts(conn: sa.Connection) -> dict[str, int]:
@@ -452,6 +505,37 @@ def discard_parked(conn: sa.Connection, name: str, seq: int, reason: str) -> Par
         )
         _bump(conn, name)
     return target
+
+
+def reset_offset(conn: sa.Connection, name: str, offset: int) -> ConsumerRow:
+    """Set the consumer's offset (an operator's reset), in the caller's transaction.
+
+    Bumps the epoch, so the daemon running the consumer takes the new offset
+    at its next batch, and sets the records floor to the newest delivery
+    record, so that no earlier record counts as work already done beyond the
+    new offset. Parked events stay parked. Returns the row as it was.
+    """
+    before = _require(conn, name)
+    with translated():
+        conn.execute(
+            consumers.update()
+            .where(consumers.c.name == name)
+            .values(
+                offset_seq=offset,
+                epoch=consumers.c.epoch + 1,
+                records_floor=_newest_record(),
+                control=consumers.c.control + 1,
+                updated_at=now(),
+            )
+        )
+    return before
+
+
+def insert_records(conn: sa.Connection, name: str, records: Sequence[Record]) -> None:
+    """Write delivery records that move no offset (a replay's), in one transaction."""
+    if records:
+        with translated(), conn.begin():
+            conn.execute(deliveries.insert(), [r.row(name) for r in records])
 
 
 def redeliver_requests(conn: sa.Connection, name: str) -> list[tuple[ParkedRow, LogEntry]]:

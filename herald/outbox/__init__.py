@@ -17,13 +17,25 @@ Imports :mod:`herald.domain` and :mod:`herald.schema` only.
 from herald.outbox.append import NewEvent, append, append_many
 from herald.outbox.catalogue import sync_catalogue
 from herald.outbox.projector import PROJECTED_TOPICS, project
-from herald.outbox.reader import LogEntry, LogReader, Page, TopicFilter, head, read_page
+from herald.outbox.reader import (
+    EventFilter,
+    LogEntry,
+    LogReader,
+    Page,
+    TopicFilter,
+    first_seq,
+    first_seq_since,
+    head,
+    last_seq_until,
+    read_page,
+)
 from herald.outbox.sequencer import Sequencer, run_sequencer
 from herald.outbox.unit_of_work import UnitOfWork
 from herald.outbox.wakeup import Waker
 
 __all__ = [
     "PROJECTED_TOPICS",
+    "EventFilter",
     "LogEntry",
     "LogReader",
     "NewEvent",
@@ -34,7 +46,10 @@ __all__ = [
     "Waker",
     "append",
     "append_many",
+    "first_seq",
+    "first_seq_since",
     "head",
+    "last_seq_until",
     "project",
     "read_page",
     "run_sequencer",

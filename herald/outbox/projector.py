@@ -32,6 +32,7 @@ from herald.schema import (
     builds,
     evaluations,
     events,
+    operations,
 )
 
 __all__ = [
@@ -338,6 +339,27 @@ _DOMAIN_EVENTS = sa.select(
 ).where(events.c.aggregate_id.is_not(None), events.c.topic.in_(sorted(PROJECTED_TOPICS)))
 
 
+def _empty(conn: sa.Connection) -> None:
+    """Empty the projections, except, once the log was pruned, the rows of aggregates
+    whose whole history was pruned: the log cannot make those again."""
+    pruned = conn.execute(
+        sa.select(operations.c.id).where(operations.c.action == "prune").limit(1)
+    ).first()
+    if pruned is None:
+        for table in PROJECTIONS:
+            conn.execute(sa.delete(table))
+        return
+
+    def has_events(aggregate_id: sa.ColumnElement[Any]) -> sa.Exists:
+        return sa.exists().where(events.c.aggregate_id == aggregate_id)
+
+    in_log = sa.select(builds.c.build_id).where(has_events(builds.c.aggregate_id))
+    for table in (build_messages, build_steps, build_dependencies):
+        conn.execute(sa.delete(table).where(table.c.build_id.in_(in_log)))
+    conn.execute(sa.delete(builds).where(has_events(builds.c.aggregate_id)))
+    conn.execute(sa.delete(evaluations).where(has_events(evaluations.c.aggregate_id)))
+
+
 def rebuild(
     conn: sa.Connection,
     *,
@@ -345,6 +367,9 @@ def rebuild(
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Empty the projections and apply every aggregate event of the log again.
+
+    Once the log was pruned, the rows of aggregates it no longer holds stay
+    as they are (their last state).
 
     Events are applied in position order: an aggregate's next version is
     inserted only after its previous one committed, so position order keeps
@@ -357,8 +382,7 @@ def rebuild(
     total = conn.execute(
         sa.select(sa.func.count()).select_from(_DOMAIN_EVENTS.subquery())
     ).scalar_one()
-    for table in PROJECTIONS:
-        conn.execute(sa.delete(table))
+    _empty(conn)
     done, after = 0, 0
     while True:
         rows = conn.execute(

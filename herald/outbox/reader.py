@@ -17,12 +17,12 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 
 from herald.domain import topic_filter_pattern_ok, validate_topic
-from herald.errors import InvalidTopic, UsageError
+from herald.errors import InvalidTopic, UnknownAggregate, UsageError
 from herald.outbox.sequencer import Sequencer
 from herald.outbox.wakeup import Waker
 from herald.schema import events, log_order
@@ -30,12 +30,16 @@ from herald.schema.dberrors import translated
 
 __all__ = [
     "MAX_SEQ",
+    "EventFilter",
     "LogEntry",
     "LogReader",
     "Page",
     "TopicFilter",
     "entries_at",
+    "first_seq",
+    "first_seq_since",
     "head",
+    "last_seq_until",
     "read_page",
 ]
 
@@ -115,12 +119,135 @@ class TopicFilter:
         return sa.or_(*terms)
 
 
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Events about one build, evaluation or jobset (``herald log --build/--eval/--jobset``).
+
+    A build's events are those of its aggregate, and events of no aggregate
+    whose payload names it (``build_id``); an evaluation's, those of its
+    aggregate and those whose payload has its ``eval_id``; a jobset's, those
+    of its builds' and evaluations' aggregates and those whose payload has its
+    ``jobset_id``. Several given: an event must match each.
+    """
+
+    build_id: int | None = None
+    eval_id: int | None = None
+    jobset_id: int | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.build_id, self.eval_id, self.jobset_id))
+
+    def clause(self, dialect: str) -> sa.ColumnElement[bool]:
+        """The SQL condition on ``herald_events`` for ``dialect`` (payload fields compare
+        as text on PostgreSQL, so that a custom event's odd field never fails the query)."""
+        from herald.domain import Build  # noqa: PLC0415 - the domain is only needed here
+        from herald.schema import builds, evaluations  # noqa: PLC0415
+
+        def names(field: str, value: int) -> sa.ColumnElement[bool]:
+            element = events.c.payload[field]
+            if dialect == "postgresql":
+                matches: sa.ColumnElement[bool] = element.as_string() == str(value)
+            else:
+                matches = element.as_integer() == value
+            return matches
+
+        terms: list[sa.ColumnElement[bool]] = []
+        if self.build_id is not None:
+            terms.append(
+                sa.or_(
+                    events.c.aggregate_id == str(Build.id_for(self.build_id)),
+                    sa.and_(events.c.aggregate_id.is_(None), names("build_id", self.build_id)),
+                )
+            )
+        if self.eval_id is not None:
+            own = sa.select(evaluations.c.aggregate_id).where(evaluations.c.eval_id == self.eval_id)
+            terms.append(sa.or_(events.c.aggregate_id.in_(own), names("eval_id", self.eval_id)))
+        if self.jobset_id is not None:
+            jobset_builds = sa.select(builds.c.aggregate_id).where(
+                builds.c.jobset_id == self.jobset_id
+            )
+            jobset_evals = sa.select(evaluations.c.aggregate_id).where(
+                evaluations.c.jobset_id == self.jobset_id
+            )
+            terms.append(
+                sa.or_(
+                    events.c.aggregate_id.in_(jobset_builds),
+                    events.c.aggregate_id.in_(jobset_evals),
+                    names("jobset_id", self.jobset_id),
+                )
+            )
+        return sa.and_(*terms)
+
+    def check(self, conn: sa.Connection) -> None:
+        """Raise :class:`UnknownAggregate` for a build, evaluation or jobset the log
+        never mentions (a typo gets an error, not an empty answer)."""
+        dialect = conn.dialect.name
+        for kind, value in (
+            ("build", self.build_id),
+            ("evaluation", self.eval_id),
+            ("jobset", self.jobset_id),
+        ):
+            if value is None:
+                continue
+            alone = EventFilter(**{_FIELDS[kind]: value})
+            with translated():
+                found = conn.execute(
+                    sa.select(events.c.position).where(alone.clause(dialect)).limit(1)
+                ).first()
+            if found is None:
+                raise UnknownAggregate(kind, value)
+
+
+_FIELDS: Final = {"build": "build_id", "evaluation": "eval_id", "jobset": "jobset_id"}
+
+
 def head(conn: sa.Connection) -> int:
     """The newest seq in the log (0 for an empty log)."""
     with translated():
         return int(
             conn.execute(sa.select(sa.func.coalesce(sa.func.max(log_order.c.seq), 0))).scalar_one()
         )
+
+
+def first_seq(conn: sa.Connection) -> int:
+    """The oldest seq the log holds (0 for an empty log; after a prune, past the pruned)."""
+    with translated():
+        return int(
+            conn.execute(sa.select(sa.func.coalesce(sa.func.min(log_order.c.seq), 0))).scalar_one()
+        )
+
+
+def first_seq_since(conn: sa.Connection, when: datetime) -> int | None:
+    """The first seq recorded at or after ``when`` (None: nothing was, yet).
+
+    Everything after it in the log came later, so "since T" reads from here
+    on (an event of a transaction that began before T and committed after
+    it is included: it reached the log after T).
+    """
+    stmt = (
+        sa.select(log_order.c.seq)
+        .join_from(log_order, events, log_order.c.position == events.c.position)
+        .where(events.c.recorded_at >= when)
+        .order_by(log_order.c.seq)
+        .limit(1)
+    )
+    with translated():
+        found = conn.execute(stmt).scalar_one_or_none()
+    return None if found is None else int(found)
+
+
+def last_seq_until(conn: sa.Connection, when: datetime) -> int:
+    """The last seq recorded at or before ``when`` (0: none was)."""
+    stmt = (
+        sa.select(log_order.c.seq)
+        .join_from(log_order, events, log_order.c.position == events.c.position)
+        .where(events.c.recorded_at <= when)
+        .order_by(log_order.c.seq.desc())
+        .limit(1)
+    )
+    with translated():
+        found = conn.execute(stmt).scalar_one_or_none()
+    return 0 if found is None else int(found)
 
 
 def _aware(value: datetime) -> datetime:
@@ -182,6 +309,7 @@ def read_page(
     *,
     scan_limit: int = 10_000,
     until_seq: int | None = None,
+    narrow: EventFilter | None = None,
 ) -> Page:
     """Read up to ``limit`` entries with ``seq > after``, in seq order.
 
@@ -202,7 +330,7 @@ def read_page(
         top = head(conn)
         if until_seq is not None:
             top = min(top, until_seq)
-        bound = min(top, after + scan_limit) if topics else top
+        bound = min(top, after + scan_limit) if topics or narrow else top
         stmt = (
             sa.select(*_COLUMNS)
             .join_from(log_order, events, log_order.c.position == events.c.position)
@@ -212,6 +340,8 @@ def read_page(
         )
         if topics:
             stmt = stmt.where(topics.clause())
+        if narrow:
+            stmt = stmt.where(narrow.clause(conn.dialect.name))
         rows = conn.execute(stmt).all()
     entries = [_entry(row) for row in rows]
     if len(entries) == limit:
@@ -229,22 +359,33 @@ class LogReader:
     ``herald run``.
     """
 
-    def __init__(self, engine: sa.Engine, topics: TopicFilter | None = None) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        topics: TopicFilter | None = None,
+        narrow: EventFilter | None = None,
+    ) -> None:
         self.engine = engine
         self.topics = topics or TopicFilter()
+        self.narrow = narrow
         self._sequencer = Sequencer()
 
     def read(self, after: int = 0, limit: int = 1000, *, until_seq: int | None = None) -> Page:
         with self.engine.connect() as conn:
             self._sequencer.cycle(conn)
-            page = read_page(conn, after, limit, self.topics, until_seq=until_seq)
+            page = read_page(
+                conn, after, limit, self.topics, until_seq=until_seq, narrow=self.narrow
+            )
             conn.rollback()
             return page
 
-    def until_head(self, after: int = 0, *, batch: int = 1000) -> Iterator[LogEntry]:
-        """Yield every entry after ``after`` up to the head as it is now, page by page."""
+    def until_head(
+        self, after: int = 0, *, batch: int = 1000, until_seq: int | None = None
+    ) -> Iterator[LogEntry]:
+        """Yield every entry after ``after`` up to the head as it is now (or ``until_seq``),
+        page by page."""
         while True:
-            page = self.read(after, batch)
+            page = self.read(after, batch, until_seq=until_seq)
             yield from page.entries
             after = page.next_after
             if page.at_head:
