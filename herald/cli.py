@@ -139,6 +139,17 @@ def db_upgrade(state: State) -> None:
         after = migrate.current_revision(conn)
     change = "already at" if before == after else f"{before or 'empty'} ->"
     click.echo(f"database {change} revision {after}; {count} catalogue topics")
+    if before not in (None, after) and engine.dialect.name == "postgresql":
+        with engine.connect() as conn, translated():
+            owner = conn.execute(
+                sa.text("SELECT tableowner FROM pg_tables WHERE tablename = 'herald_events'")
+            ).scalar_one_or_none()
+        if owner is not None and owner.endswith("_owner"):
+            prefix = owner.removesuffix("_owner")
+            click.echo(
+                f"herald's roles are in use: run `herald db roles --prefix {prefix}` to give "
+                "them the new tables"
+            )
 
 
 @db.command("current")

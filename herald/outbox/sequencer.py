@@ -28,7 +28,7 @@ from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_r
 
 from herald.errors import TransientDatabaseError
 from herald.schema import SEQUENCER_LOCK_KEY
-from herald.schema.dberrors import translate, translated
+from herald.schema.dberrors import sqlstate, translate, translated
 from herald.schema.queries import query
 
 __all__ = ["CycleStats", "Sequencer", "run_sequencer"]
@@ -37,6 +37,9 @@ log = logging.getLogger("herald.sequencer")
 
 #: A snapshot before every transaction: "everything is newer than this".
 _ORIGIN = "1:1:"
+
+#: SQLSTATE insufficient_privilege: the role may read the log but not order it.
+_INSUFFICIENT_PRIVILEGE = "42501"
 
 
 @dataclass(slots=True)
@@ -54,7 +57,14 @@ class Sequencer:
 
     def __init__(self) -> None:
         self._seen: str | None = None
+        #: False once the database refused this role a cycle (permission denied)
+        self._may_order = True
         self.stats = CycleStats()
+
+    @property
+    def may_order(self) -> bool:
+        """False once the database refused this role a cycle (it only reads)."""
+        return self._may_order
 
     def cycle(self, conn: sa.Connection) -> int:
         """Order what has committed since the last cycle; returns how many events.
@@ -64,11 +74,17 @@ class Sequencer:
         serialize on the state row (``FOR UPDATE``), and the advisory lock
         only elects which daemon runs them continuously. When it returns,
         every event committed before it was called has a seq.
+
+        A role that may not order (the auditor's: SQLSTATE 42501, permission
+        denied) is not an error: the first refusal is logged at debug level,
+        and from then on this sequencer returns 0 at once, so its reader reads
+        what is ordered already. Every other database error is raised as
+        herald's.
         """
-        if conn.dialect.name != "postgresql":
+        if conn.dialect.name != "postgresql" or not self._may_order:
             return 0
         started = time.perf_counter()
-        with translated():
+        try:
             now = conn.execute(query("current_snapshot")).scalar_one()
             if now == self._seen:
                 # No transaction anywhere has finished since the last look.
@@ -81,6 +97,15 @@ class Sequencer:
                 self._seen = now
                 return 0
             count = self._order(conn)
+        except sa_exc.SQLAlchemyError as exc:
+            if sqlstate(exc) != _INSUFFICIENT_PRIVILEGE:
+                raise translate(exc) from exc
+            with translated():
+                conn.rollback()
+            self._may_order = False
+            reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"])[0]
+            log.debug("this role may not order the log (%s); reading what is ordered", reason)
+            return 0
         self.stats.cycles += 1
         self.stats.sequenced += count
         self.stats.last_cycle_seconds = time.perf_counter() - started
@@ -178,6 +203,12 @@ def run_sequencer(
                     if seq.cycle(conn):
                         interval = 0.001
                         continue
+                    if not seq.may_order:
+                        log.error(
+                            "sequencer: this database role may not order the log (permission "
+                            "denied); run herald with the daemon role (`herald db roles`)"
+                        )
+                        return
                     stop.wait(interval)
                     interval = min(interval * 2, poll_interval)
             finally:

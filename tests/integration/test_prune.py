@@ -158,12 +158,8 @@ def test_prune_never_removes_what_a_consumer_still_needs(
     try:
         _fill(engine, scenario)
         with engine.connect() as conn:
-            before = {
-                "events": set(conn.execute(sa.select(log_order.c.seq)).scalars()),
-                "deliveries": conn.execute(
-                    sa.select(deliveries.c.consumer, deliveries.c.seq)
-                ).all(),
-            }
+            before_events = set(conn.execute(sa.select(log_order.c.seq)).scalars())
+            before_records = conn.execute(sa.select(deliveries.c.consumer, deliveries.c.seq)).all()
             conn.rollback()
             configured = ["never-run"] if scenario["never_run"] else []
             result = prune(
@@ -185,19 +181,19 @@ def test_prune_never_removes_what_a_consumer_still_needs(
     doomed = _expected_doomed(scenario)
     assert result.events == len(doomed)
     if dry_run:
-        assert remaining == before["events"]
-        assert sorted(kept_records) == sorted(before["deliveries"])
+        assert remaining == before_events
+        assert sorted(kept_records) == sorted(before_records)
         assert recorded == []
         return
-    assert remaining == before["events"] - doomed
+    assert remaining == before_events - doomed
     assert remaining_positions == remaining  # the events went with their order rows
-    assert sorted(kept_records) == sorted(r for r in before["deliveries"] if r[1] not in doomed)
+    assert sorted(kept_records) == sorted(r for r in before_records if r[1] not in doomed)
     assert [d["events"] for d in recorded] == [len(doomed)]
-    assert result.deliveries == len(before["deliveries"]) - len(kept_records)
+    assert result.deliveries == len(before_records) - len(kept_records)
 
     # The safety properties, each on its own.
     log = {item["seq"]: item for item in scenario["log"]}
-    gone = before["events"] - remaining
+    gone = before_events - remaining
     for name, offset in scenario["offsets"].items():
         assert all(seq <= offset for seq in gone), f"pruned past {name}'s offset {offset}"
     if scenario["never_run"]:
