@@ -35,7 +35,7 @@ from tenacity import (
 
 from herald import __version__
 from herald.cli_audit import audit_group
-from herald.cli_common import State, pass_state, stop_on_signals
+from herald.cli_common import SINCE_HELP, State, pass_state, stop_on_signals, until_seq
 from herald.cli_consumers import consumers_group, parked_group, run_command
 from herald.cli_prune import prune_command
 from herald.cli_replay import replay_command, reset_command
@@ -55,7 +55,6 @@ from herald.outbox import (
     farm,
     first_seq_since,
     head,
-    last_seq_until,
     sync_catalogue,
 )
 from herald.outbox.projector import check, rebuild
@@ -260,8 +259,7 @@ def _format(entry: LogEntry) -> str:
     "--since",
     default=None,
     metavar="TIME",
-    help="Start at the first event recorded at or after TIME (ISO 8601, UTC unless zoned; "
-    "or an age ago: 30m, 12h, 7d).",
+    help=SINCE_HELP,
 )
 @click.option(
     "--until",
@@ -337,7 +335,8 @@ def log_command(
     if until is not None and follow:
         raise click.UsageError("--until stops the output and --follow never does; give one")
     start = parse_time(since, "--since") if since is not None else None
-    end_time = None if until is None or until.isdigit() else parse_time(until, "--until")
+    if until is not None and not until.isdigit():
+        parse_time(until, "--until")  # a bad time is an error before anything is read
     narrow = EventFilter(build_id, eval_id, jobset_id)
     topic_filter = TopicFilter(topics)
     engine = state.engine()
@@ -351,16 +350,12 @@ def log_command(
         if start is not None:
             found = first_seq_since(conn, start)
             after = head(conn) if found is None else found - 1
-        until_seq = None
-        if end_time is not None:
-            until_seq = last_seq_until(conn, end_time)
-        elif until is not None:
-            until_seq = _seq_option(until, "--until")
+        last = None if until is None else until_seq(conn, until)
         conn.rollback()
     stop = threading.Event()
     printed = 0
     with stop_on_signals(stop):
-        for entry in _entries(reader, after, follow, stop, until_seq):
+        for entry in _entries(reader, after, follow, stop, last):
             line = render(entry)
             if line is None:
                 continue
@@ -407,13 +402,6 @@ def _given(parameter: str) -> bool:
         click.core.ParameterSource.COMMANDLINE,
         click.core.ParameterSource.ENVIRONMENT,
     )
-
-
-def _seq_option(text: str, option: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_SEQ:
-        raise UsageError(f"{option}: a seq is between 1 and {MAX_SEQ}, not {text}")
-    return value
 
 
 def _entries(

@@ -13,11 +13,25 @@ import sqlalchemy as sa
 
 from herald.config import check_connection
 from herald.config import create_engine as _create_engine
-from herald.errors import NotMigrated
+from herald.errors import NotMigrated, UsageError
+from herald.outbox.reader import MAX_SEQ, head, last_seq_until
 from herald.schema import migrate
 from herald.schema.dberrors import translated
+from herald.times import parse_time
 
-__all__ = ["State", "pass_state", "stop_on_signals"]
+__all__ = [
+    "SINCE_HELP",
+    "State",
+    "pass_state",
+    "stop_on_signals",
+    "until_seq",
+]
+
+#: The help of every ``--since TIME`` option.
+SINCE_HELP = (
+    "Start at the first event recorded at or after TIME (ISO 8601, UTC unless zoned; "
+    "or an age ago: 30m, 12h, 7d)."
+)
 
 
 class State:
@@ -69,3 +83,14 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def until_seq(conn: sa.Connection, until: str) -> int:
+    """The last seq an ``--until SEQ|TIME`` option allows: a seq as given (at most the
+    head), or the last event recorded at or before the time."""
+    if until.isdigit():
+        value = int(until)
+        if not 1 <= value <= MAX_SEQ:
+            raise UsageError(f"--until: a seq is between 1 and {MAX_SEQ}, not {until}")
+        return min(value, head(conn))
+    return last_seq_until(conn, parse_time(until, "--until"))

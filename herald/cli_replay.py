@@ -29,14 +29,14 @@ from rich.progress import (
 )
 
 from herald import operations
-from herald.cli_common import State, pass_state, stop_on_signals
+from herald.cli_common import SINCE_HELP, State, pass_state, stop_on_signals, until_seq
 from herald.cli_consumers import CONFIG_OPTION, consumers_running
 from herald.consumers import load_config
 from herald.consumers.model import validate_name
 from herald.consumers.replay import replay
 from herald.consumers.store import consumer_row, consumer_rows, ensure_consumer, reset_offset
 from herald.errors import ConsumerBusy, UnknownConsumer, UsageError
-from herald.outbox import Sequencer, first_seq, first_seq_since, head, last_seq_until
+from herald.outbox import Sequencer, first_seq, first_seq_since, head
 from herald.outbox.reader import MAX_SEQ
 from herald.times import parse_time
 
@@ -208,17 +208,6 @@ def _target_offset(
     return earliest
 
 
-def _until_seq(conn: sa.Connection, until: str | None) -> int:
-    if until is None:
-        return head(conn)
-    if until.isdigit():
-        value = int(until)
-        if not 1 <= value <= MAX_SEQ:
-            raise UsageError(f"--until: a seq is between 1 and {MAX_SEQ}, not {until}")
-        return min(value, head(conn))
-    return last_seq_until(conn, parse_time(until, "--until"))
-
-
 @click.command("replay")
 @click.argument("consumer")
 @click.option(
@@ -233,8 +222,7 @@ def _until_seq(conn: sa.Connection, until: str | None) -> int:
     "--since",
     default=None,
     metavar="TIME",
-    help="Start at the first event recorded at or after TIME (ISO 8601, UTC unless zoned; "
-    "or an age ago: 2h, 7d).",
+    help=SINCE_HELP,
 )
 @click.option(
     "--until",
@@ -281,7 +269,7 @@ def replay_command(
         engine = state.engine()
         with engine.connect() as conn:
             Sequencer().cycle(conn)
-            last = _until_seq(conn, until)
+            last = head(conn) if until is None else until_seq(conn, until)
             if start is not None:
                 found = first_seq_since(conn, start)
                 first = last + 1 if found is None else found
