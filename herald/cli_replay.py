@@ -102,13 +102,8 @@ def reset_command(
     old_offset, new_offset, head, how, forced, run_by, dry_run, operation_id.
     """
     validate_name(consumer)
-    chosen = [
-        name
-        for name, value in zip(
-            _TARGETS, (to_earliest, to_latest, to_seq, to_datetime, shift_by), strict=True
-        )
-        if value not in (None, False)
-    ]
+    given = (to_earliest, to_latest, to_seq is not None, to_datetime is not None)
+    chosen = [name for name, on in zip(_TARGETS, (*given, shift_by is not None), strict=True) if on]
     if len(chosen) != 1:
         given = f" (got {' and '.join(chosen)})" if chosen else ""
         raise click.UsageError(f"give exactly one of {', '.join(_TARGETS)}{given}")
@@ -127,11 +122,11 @@ def reset_command(
                 ensure_consumer(conn, consumer)
                 row = consumer_row(conn, consumer)
                 assert row is not None
-            run_by = consumers_running(conn).get(consumer)
-            if run_by is not None and not force:
-                raise ConsumerBusy(consumer, run_by, "a reset")
             top = head(conn)
             new = _target_offset(conn, row.offset, top, to_latest, to_seq, when, shift_by)
+            run_by = consumers_running(conn).get(consumer)
+            if run_by is not None and not force and not dry_run:
+                raise ConsumerBusy(consumer, run_by, "a reset")
             detail: dict[str, Any] = {
                 "from": row.offset,
                 "to": new,

@@ -5,6 +5,8 @@ An event may go when all of these hold:
 * it is older than the age asked for (``recorded_at``), and so is every event
   before it in the log: a prune removes the log's oldest seqs, never a hole
   in the middle of recent history;
+* it is not the newest event: the log's head never goes back, so no seq is
+  ever given out twice;
 * every consumer has finished it: its seq is at or below every consumer's
   offset (a consumer configured but never run counts as offset 0), so an
   at_least_once event some consumer still has to deliver is never pruned;
@@ -58,7 +60,7 @@ class PruneResult:
     deliveries: int = 0
     #: events in the range kept because their aggregate has younger events
     kept: int = 0
-    #: why the range ends where it does: "age", "consumer NAME (offset N)", "parked", "head"
+    #: why the range ends where it does: age, a consumer's offset, a parked event, the head
     limited_by: list[str] = field(default_factory=list)
     operation_id: int | None = None
 
@@ -82,7 +84,10 @@ def _boundary(
 ) -> tuple[int, list[str]]:
     """The newest seq a prune may reach, and what stops it there."""
     top = head(conn)
-    limits: list[tuple[int, str]] = [(top, "the head of the log")]
+    # The newest event always stays: the head is the largest seq the log holds,
+    # and the next event's seq follows it, so pruning it would let a seq be
+    # given out twice.
+    limits: list[tuple[int, str]] = [(top - 1, f"the newest event (seq {top}) always stays")]
     since = first_seq_since(conn, cutoff)
     if since is not None:
         limits.append((since - 1, f"age (seq {since} is younger than the cutoff)"))
