@@ -102,8 +102,8 @@ def reset_command(
     old_offset, new_offset, head, how, forced, run_by, dry_run, operation_id.
     """
     validate_name(consumer)
-    given = (to_earliest, to_latest, to_seq is not None, to_datetime is not None)
-    chosen = [name for name, on in zip(_TARGETS, (*given, shift_by is not None), strict=True) if on]
+    flags = (to_earliest, to_latest, to_seq is not None, to_datetime is not None)
+    chosen = [name for name, on in zip(_TARGETS, (*flags, shift_by is not None), strict=True) if on]
     if len(chosen) != 1:
         given = f" (got {' and '.join(chosen)})" if chosen else ""
         raise click.UsageError(f"give exactly one of {', '.join(_TARGETS)}{given}")

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from herald.schema import operations
 from herald.schema.dberrors import translated
 
-__all__ = ["Operation", "actor", "history", "record"]
+__all__ = ["Action", "Operation", "actor", "history", "record"]
 
 Action = Literal["reset", "replay", "prune"]
 
