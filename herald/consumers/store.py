@@ -2,9 +2,9 @@
 
 The daemon, the CLI and the Python API go through these functions; nothing
 else in herald writes ``herald_consumers`` or ``herald_parked``, and only
-replays (records) and ``herald prune`` (deleting records with their events)
-touch ``herald_deliveries`` otherwise. The audit queries
-(:mod:`herald.audit`) read all three.
+``herald prune`` (:mod:`herald.outbox.retention`) deletes from
+``herald_deliveries``, with the events the records are of. The audit
+queries (:mod:`herald.audit`) read all three.
 
 **The offset convention.** A consumer's offset (``offset_seq``) is the last
 seq it has *finished*: delivered, parked, expired, failed for good (an
