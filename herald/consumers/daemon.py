@@ -40,13 +40,13 @@ from typing import Any
 
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
-from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_random
 
 from herald.consumers import store
 from herald.consumers.model import Consumer
 from herald.consumers.runner import Metrics, NullMetrics, Runner
 from herald.errors import LostClaim, TransientDatabaseError, UsageError
 from herald.outbox import Sequencer, run_sequencer
+from herald.outbox.reconnect import run_reconnecting
 from herald.schema import CONSUMER_LOCK_CLASS
 from herald.schema.dberrors import translate, translated
 from herald.schema.queries import QUERIES
@@ -152,24 +152,21 @@ class Daemon:
             )
             sequencer_thread.start()
         try:
-            retrying = Retrying(
-                retry=retry_if_exception_type(TransientDatabaseError),
-                wait=wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.1),
-                sleep=self._pause,
-                before_sleep=lambda state: log.warning(
-                    "the daemon's database session failed (%s); reconnecting",
-                    state.outcome.exception() if state.outcome else "?",
-                ),
-                reraise=True,
+
+            def session() -> None:
+                try:
+                    self._session()
+                except sa_exc.SQLAlchemyError as exc:
+                    raise translate(exc) from exc
+
+            run_reconnecting(
+                session,
+                self._stop,
+                what="the daemon's database session",
+                log=log,
+                initial=0.1,
+                maximum=5.0,
             )
-            for attempt in retrying:
-                with attempt:
-                    if self._stop.is_set():
-                        break
-                    try:
-                        self._session()
-                    except sa_exc.SQLAlchemyError as exc:
-                        raise translate(exc) from exc
         finally:
             self._stop.set()  # also when an error ends the daemon: the relay thread ends
             self._stop_runners()
@@ -177,9 +174,6 @@ class Daemon:
             if sequencer_thread is not None:
                 sequencer_thread.join(10.0)
             self.ready.set()
-
-    def _pause(self, seconds: float) -> None:
-        self._stop.wait(seconds)  # a stop request cuts the backoff short
 
     def _session(self) -> None:
         session = _Session(self.engine) if self.postgresql else None

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
-from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_random
 
-from herald.errors import TransientDatabaseError
+from herald.outbox.reconnect import run_reconnecting
 from herald.schema import SEQUENCER_LOCK_KEY
 from herald.schema.dberrors import sqlstate, translate, translated
 from herald.schema.queries import query
@@ -218,28 +217,13 @@ def run_sequencer(
                 # if the pool would otherwise have kept the connection.
                 conn.invalidate()
 
-    def log_retry(state: object) -> None:
-        exc = getattr(getattr(state, "outcome", None), "exception", lambda: None)()
-        log.warning("sequencer: %s; reconnecting", exc)
+    def translated_session() -> None:
+        try:
+            session()
+        except sa_exc.SQLAlchemyError as exc:
+            raise translate(exc) from exc
 
-    def pause(seconds: float) -> None:
-        stop.wait(seconds)  # a stop request cuts the backoff short
-
-    retrying = Retrying(
-        retry=retry_if_exception_type(TransientDatabaseError),
-        wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05),
-        sleep=pause,
-        before_sleep=log_retry,
-        reraise=True,
-    )
-    for attempt in retrying:
-        with attempt:
-            if stop.is_set():
-                return
-            try:
-                session()
-            except sa_exc.SQLAlchemyError as exc:
-                raise translate(exc) from exc
+    run_reconnecting(translated_session, stop, what="sequencer", log=log, initial=0.05, maximum=2.0)
 
 
 def _backend_pid(conn: sa.Connection) -> int:
