@@ -39,7 +39,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-import sqlalchemy.exc as sa_exc
 
 from herald.consumers import store
 from herald.consumers.model import Consumer
@@ -48,7 +47,7 @@ from herald.errors import LostClaim, TransientDatabaseError, UsageError
 from herald.outbox import Sequencer, run_sequencer
 from herald.outbox.reconnect import run_reconnecting
 from herald.schema import CONSUMER_LOCK_CLASS
-from herald.schema.dberrors import translate, translated
+from herald.schema.dberrors import translated
 from herald.schema.queries import QUERIES
 
 __all__ = ["Daemon"]
@@ -154,10 +153,8 @@ class Daemon:
         try:
 
             def session() -> None:
-                try:
+                with translated():
                     self._session()
-                except sa_exc.SQLAlchemyError as exc:
-                    raise translate(exc) from exc
 
             run_reconnecting(
                 session,

@@ -218,10 +218,8 @@ def run_sequencer(
                 conn.invalidate()
 
     def translated_session() -> None:
-        try:
+        with translated():
             session()
-        except sa_exc.SQLAlchemyError as exc:
-            raise translate(exc) from exc
 
     run_reconnecting(translated_session, stop, what="sequencer", log=log, initial=0.05, maximum=2.0)
 

@@ -74,5 +74,7 @@ def translated() -> Iterator[None]:
     """Run the block, re-raising driver errors as herald errors."""
     try:
         yield
-    except sa_exc.SQLAlchemyError as exc:
+    except (sa_exc.SQLAlchemyError, psycopg.Error) as exc:
+        # psycopg's own errors reach here too: Engine.raw_connection() does not wrap
+        # a failed connect, and psycopg-level code (LISTEN, COPY) raises them as is.
         raise translate(exc) from exc

@@ -34,6 +34,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from herald.errors import TransientDatabaseError
 from herald.outbox import NewEvent, append_many
 from tests.acceptance.conftest import Processes, processes, wait_until
 from tests.acceptance.test_consumers_daemon import (
@@ -285,7 +286,9 @@ class ResilientStream:
                         )
                     append_many(conn, batch)
                     conn.commit()
-                except psycopg.OperationalError:
+                except (psycopg.OperationalError, TransientDatabaseError):
+                    if conn is not None:
+                        conn.close()
                     conn = None
                     self.reconnects += 1
                     self.stop.wait(0.2)
