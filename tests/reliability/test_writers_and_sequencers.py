@@ -163,3 +163,9 @@ def test_every_committed_event_exactly_once_with_two_sequencers_and_a_long_trans
     assert ordered_while_open, "the long transaction's check did not run"
     assert ordered_while_open[0] > 100, ordered_while_open
     assert ordered_while_open[0] < long_seqs[0]
+    print(
+        f"\nwriters: {WRITERS} writers, {len(expected)} transactions committed "
+        f"({len(load)} events), {len(rolled_back)} rolled back, one open {LONG_OPEN:g} s "
+        f"({ordered_while_open[0]} events ordered while it was open), seqs 1..{len(rows)} "
+        "dense, 0 lost, 0 twice"
+    )
