@@ -95,7 +95,16 @@ class Sequencer:
             if not pending:
                 self._seen = now
                 return 0
-            count = self._order(conn)
+            if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+                # The daemon's own connection looks without a transaction (one
+                # statement per idle check, no BEGIN/ROLLBACK); ordering needs one.
+                conn.execution_options(isolation_level=conn.default_isolation_level)
+                try:
+                    count = self._order(conn)
+                finally:
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
+            else:
+                count = self._order(conn)
         except sa_exc.SQLAlchemyError as exc:
             if sqlstate(exc) != _INSUFFICIENT_PRIVILEGE:
                 raise translate(exc) from exc
@@ -195,6 +204,9 @@ def run_sequencer(
                 if stop.is_set():
                     return
                 log.info("sequencer active (pid %s)", _backend_pid(conn))
+                # Idle checks are single reads: run them outside a transaction, so an
+                # idle daemon costs one statement per poll (cycle() opens one to order).
+                conn.execution_options(isolation_level="AUTOCOMMIT")
                 if on_active is not None:
                     on_active.set()
                 interval = 0.001
