@@ -44,6 +44,7 @@ bench: $(STAMP) postgres
 	$(BIN)/python -m bench.append_throughput
 	$(BIN)/python -m bench.unit_of_work
 	$(BIN)/python -m bench.consumers
+	$(BIN)/python -m bench.idle
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(DEMO_DB)*

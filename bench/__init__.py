@@ -6,5 +6,9 @@ own marked section of BENCHMARKS.md:
 * ``bench.append_throughput`` — append transactions/s against bare psycopg and
   SQLAlchemy, and commit → reader latency (issue #2);
 * ``bench.unit_of_work`` — finishing a build through the unit of work against
-  the raw append, and one evaluation adding 50,000 builds (issue #3).
+  the raw append, and one evaluation adding 50,000 builds (issue #3);
+* ``bench.consumers`` — the consumer daemon's throughput against a raw read,
+  and commit → handler latency (issue #4);
+* ``bench.idle`` — an idle ``herald run``'s statements/s and WAL bytes, against
+  the same window without it (issue #6, B8).
 """
