@@ -45,6 +45,7 @@ bench: $(STAMP) postgres
 	$(BIN)/python -m bench.unit_of_work
 	$(BIN)/python -m bench.consumers
 	$(BIN)/python -m bench.idle
+	$(BIN)/python -m bench.long_transaction
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(DEMO_DB)*

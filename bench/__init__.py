@@ -10,5 +10,7 @@ own marked section of BENCHMARKS.md:
 * ``bench.consumers`` — the consumer daemon's throughput against a raw read,
   and commit → handler latency (issue #4);
 * ``bench.idle`` — an idle ``herald run``'s statements/s and WAL bytes, against
-  the same window without it (issue #6, B8).
+  the same window without it (issue #6, B8);
+* ``bench.long_transaction`` — other events' latency while one write
+  transaction stays open 30 s, against the xid-horizon approach (issue #6, B6).
 """
