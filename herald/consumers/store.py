@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from psycopg.types.json import Jsonb
 from sqlalchemy.dialects import postgresql, sqlite
 
 from herald.consumers.model import Outcome, validate_name
@@ -147,6 +148,40 @@ class ParkedRow:
             "parked_at": self.parked_at,
             "redeliver": self.redeliver,
         }
+
+
+#: The columns of a delivery record, in the order COPY writes them.
+_RECORD_COLUMNS = (
+    "consumer", "seq", "attempt", "outcome", "kind", "started_at", "duration_ms", "error",
+    "http_status", "detail",
+)  # fmt: skip
+
+
+def _write_records(conn: sa.Connection, name: str, records: Sequence[Record]) -> None:
+    """Insert delivery records in the caller's transaction.
+
+    On PostgreSQL through COPY on the same connection (a batch of thousands is
+    one stream, not thousands of INSERTs: records are most of a busy consumer's
+    writes); on SQLite an executemany.
+    """
+    if not records:
+        return
+    if conn.dialect.name != "postgresql":
+        conn.execute(deliveries.insert(), [r.row(name) for r in records])
+        return
+    driver: Any = conn.connection.driver_connection
+    columns = ", ".join(_RECORD_COLUMNS)
+    with (
+        driver.cursor() as cursor,
+        cursor.copy(f"COPY herald_deliveries ({columns}) FROM STDIN") as copy,
+    ):
+        for r in records:
+            copy.write_row(
+                (
+                    name, r.seq, r.attempt, r.outcome, r.kind, r.started_at, r.duration_ms,
+                    r.error, r.http_status, None if r.detail is None else Jsonb(r.detail),
+                )
+            )  # fmt: skip
 
 
 def _insert_ignore(conn: sa.Connection, table: sa.Table, values: dict[str, Any]) -> None:
@@ -286,7 +321,7 @@ def commit_batch(
     with translated(), conn.begin():
         moved = _fence(conn, name, token, epoch, old_offset, new_offset)
         if records:
-            conn.execute(deliveries.insert(), [r.row(name) for r in records])
+            _write_records(conn, name, records)
         if parked_rows:
             conn.execute(parked.insert(), [p.row(name) for p in parked_rows])
         if not moved:
@@ -537,7 +572,7 @@ def insert_records(conn: sa.Connection, name: str, records: Sequence[Record]) ->
     """Write delivery records that move no offset (a replay's), in one transaction."""
     if records:
         with translated(), conn.begin():
-            conn.execute(deliveries.insert(), [r.row(name) for r in records])
+            _write_records(conn, name, records)
 
 
 def redeliver_requests(conn: sa.Connection, name: str) -> list[tuple[ParkedRow, LogEntry]]:
@@ -564,7 +599,7 @@ def commit_redelivery(
         if owned is None:
             raise LostClaim(name)
         if records:
-            conn.execute(deliveries.insert(), [r.row(name) for r in records])
+            _write_records(conn, name, records)
         if finished:
             conn.execute(
                 parked.delete().where(parked.c.consumer == name, parked.c.seq.in_(finished))

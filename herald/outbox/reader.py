@@ -250,11 +250,6 @@ def last_seq_until(conn: sa.Connection, when: datetime) -> int:
     return 0 if found is None else int(found)
 
 
-def _aware(value: datetime) -> datetime:
-    # SQLite gives back naive datetimes; herald stores UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
 _COLUMNS = (
     log_order.c.seq,
     events.c.position,
@@ -271,19 +266,15 @@ _COLUMNS = (
 
 
 def _entry(row: Any) -> LogEntry:
+    # Positional (the order of _COLUMNS): a page is thousands of rows, and a Row's
+    # attribute lookups by name cost more than building the entry itself. SQLite
+    # gives back naive datetimes; herald stores UTC.
+    seq, position, topic, payload, delivery, dedupe, aggregate, version, trace, occurred, at = row
     return LogEntry(
-        seq=row.seq,
-        position=row.position,
-        topic=row.topic,
-        payload=row.payload,
-        delivery=row.delivery,
-        dedupe_key=row.dedupe_key,
-        aggregate_id=row.aggregate_id,
-        aggregate_version=row.aggregate_version,
-        trace_id=row.trace_id,
-        occurred_at=_aware(row.occurred_at),
-        recorded_at=_aware(row.recorded_at),
-    )
+        seq, position, topic, payload, delivery, dedupe, aggregate, version, trace,
+        occurred if occurred.tzinfo is not None else occurred.replace(tzinfo=UTC),
+        at if at.tzinfo is not None else at.replace(tzinfo=UTC),
+    )  # fmt: skip
 
 
 def entries_at(conn: sa.Connection, seqs: Iterable[int]) -> dict[int, LogEntry]:
