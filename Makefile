@@ -46,6 +46,7 @@ bench: $(STAMP) postgres
 	$(BIN)/python -m bench.consumers
 	$(BIN)/python -m bench.idle
 	$(BIN)/python -m bench.long_transaction
+	$(BIN)/python -m bench.replay
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(DEMO_DB)*

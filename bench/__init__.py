@@ -12,5 +12,7 @@ own marked section of BENCHMARKS.md:
 * ``bench.idle`` — an idle ``herald run``'s statements/s and WAL bytes, against
   the same window without it (issue #6, B8);
 * ``bench.long_transaction`` — other events' latency while one write
-  transaction stays open 30 s, against the xid-horizon approach (issue #6, B6).
+  transaction stays open 30 s, against the xid-horizon approach (issue #6, B6);
+* ``bench.replay`` — replaying 1,000,000 events through a no-op handler, with
+  a raw read of the same rows for scale (issue #6, B4).
 """
