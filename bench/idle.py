@@ -50,12 +50,11 @@ from bench.append_throughput import (
     drop_scratch,
     git_revision,
 )
+from bench.common import add_server_options, markers, write_section
 from herald.config import create_engine
 from herald.outbox import NewEvent, append_many
 
-BEGIN_MARK: Final = "<!-- bench.idle: begin (generated; rerun to refresh) -->"
-END_MARK: Final = "<!-- bench.idle: end -->"
-DEFAULT_ADMIN: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
+BEGIN_MARK, END_MARK = markers("bench.idle")
 DEFAULT_LOG: Final = "/var/log/postgresql/postgresql-15-main.log"
 CONFIG: Final = """
 [consumers.github]
@@ -238,33 +237,12 @@ Statements by kind (first words):
 """
 
 
-def write_markdown(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# herald benchmarks\n"
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin != -1 and end > begin:
-        text = text[:begin] + section.rstrip("\n") + text[end + len(END_MARK) :]
-    else:
-        marker = "\n## Reliability"
-        at = text.find(marker)
-        if at == -1:
-            text = text.rstrip("\n") + "\n\n" + section
-        else:
-            text = text[:at] + "\n" + section + text[at:]
-    path.write_text(text, encoding="utf-8")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.idle", description=__doc__)
     parser.add_argument("--seconds", type=float, default=30.0, help="The idle window.")
     parser.add_argument("--warmup", type=float, default=5.0, help="Before the window.")
-    parser.add_argument(
-        "--admin",
-        default=os.environ.get("HERALD_BENCH_DATABASE_URL", DEFAULT_ADMIN),
-        help="A superuser's URL on the server.",
-    )
-    parser.add_argument("--database", default="herald_bench_idle", help="The scratch database.")
+    add_server_options(parser, "herald_bench_idle")
     parser.add_argument("--server-log", default=DEFAULT_LOG, help="The server's log file.")
-    parser.add_argument("--markdown", default="BENCHMARKS.md", help="The report to update.")
     return parser.parse_args(argv)
 
 
@@ -273,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = measure(args)
     section = markdown(result, args)
     print(section)
-    write_markdown(Path(args.markdown), section)
+    write_section(Path(args.markdown), "bench.idle", section)
 
 
 if __name__ == "__main__":

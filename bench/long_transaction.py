@@ -26,14 +26,12 @@ markers). Target: herald's p99 ≤ 100 ms.
 from __future__ import annotations
 
 import argparse
-import os
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -48,12 +46,11 @@ from bench.append_throughput import (
     herald_daemon,
     percentile,
 )
+from bench.common import add_server_options, markers, write_section
 from herald.config import create_engine
 from herald.outbox import LogReader, NewEvent, append_many
 
-BEGIN_MARK: Final = "<!-- bench.long_transaction: begin (generated; rerun to refresh) -->"
-END_MARK: Final = "<!-- bench.long_transaction: end -->"
-DEFAULT_ADMIN: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
+BEGIN_MARK, END_MARK = markers("bench.long_transaction")
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,34 +221,13 @@ committed while it was open wait for its end.
 """
 
 
-def write_markdown(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin != -1 and end > begin:
-        text = text[:begin] + section.rstrip("\n") + text[end + len(END_MARK) :]
-    else:
-        at = text.find("\n## Reliability")
-        text = (
-            text.rstrip("\n") + "\n\n" + section
-            if at == -1
-            else text[:at] + "\n" + section + text[at:]
-        )
-    path.write_text(text, encoding="utf-8")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.long_transaction", description=__doc__)
     parser.add_argument("--hold", type=float, default=30.0, help="How long it stays open.")
     parser.add_argument("--rate", type=float, default=100.0, help="Other events a second.")
     parser.add_argument("--tail", type=float, default=2.0, help="Writing after it commits.")
     parser.add_argument("--warmup", type=float, default=2.0, help="After herald run starts.")
-    parser.add_argument(
-        "--admin",
-        default=os.environ.get("HERALD_BENCH_DATABASE_URL", DEFAULT_ADMIN),
-        help="A superuser's URL on the server.",
-    )
-    parser.add_argument("--database", default="herald_bench_long", help="The scratch database.")
-    parser.add_argument("--markdown", default="BENCHMARKS.md", help="The report to update.")
+    add_server_options(parser, "herald_bench_long")
     return parser.parse_args(argv)
 
 
@@ -260,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = measure(args)
     section = markdown(result, args)
     print(section)
-    write_markdown(Path(args.markdown), section)
+    write_section(Path(args.markdown), "bench.long_transaction", section)
 
 
 if __name__ == "__main__":

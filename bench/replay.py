@@ -20,13 +20,11 @@ Target: herald's replay of 1,000,000 events ≤ 20 s. Writes its section of
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -39,13 +37,12 @@ from bench.append_throughput import (
     drop_scratch,
     git_revision,
 )
+from bench.common import add_server_options, markers, write_section
 from herald.config import create_engine
 from herald.consumers import Consumer
 from herald.consumers.replay import replay
 
-BEGIN_MARK: Final = "<!-- bench.replay: begin (generated; rerun to refresh) -->"
-END_MARK: Final = "<!-- bench.replay: end -->"
-DEFAULT_ADMIN: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
+BEGIN_MARK, END_MARK = markers("bench.replay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,34 +145,13 @@ The fastest herald replay: {best.seconds:.1f} s for {best.events:,} events ({sca
 """
 
 
-def write_markdown(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin != -1 and end > begin:
-        text = text[:begin] + section.rstrip("\n") + text[end + len(END_MARK) :]
-    else:
-        at = text.find("\n## Reliability")
-        text = (
-            text.rstrip("\n") + "\n\n" + section
-            if at == -1
-            else text[:at] + "\n" + section + text[at:]
-        )
-    path.write_text(text, encoding="utf-8")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__)
     parser.add_argument("--events", type=int, default=1_000_000, help="Events in the log.")
     parser.add_argument(
         "--batch", type=int, nargs="+", default=[500, 5000], help="Consumer batch sizes."
     )
-    parser.add_argument(
-        "--admin",
-        default=os.environ.get("HERALD_BENCH_DATABASE_URL", DEFAULT_ADMIN),
-        help="A superuser's URL on the server.",
-    )
-    parser.add_argument("--database", default="herald_bench_replay", help="The scratch database.")
-    parser.add_argument("--markdown", default="BENCHMARKS.md", help="The report to update.")
+    add_server_options(parser, "herald_bench_replay")
     return parser.parse_args(argv)
 
 
@@ -193,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         drop_scratch(admin, args.database)
     section = markdown(machine, runs, seconds, args.events)
     print(section)
-    write_markdown(Path(args.markdown), section)
+    write_section(Path(args.markdown), "bench.replay", section)
 
 
 if __name__ == "__main__":

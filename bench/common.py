@@ -1,0 +1,51 @@
+"""What the benchmark scripts share: their report section in BENCHMARKS.md, and the
+scratch-database options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Final
+
+__all__ = ["DEFAULT_ADMIN", "add_server_options", "markers", "write_section"]
+
+#: The PostgreSQL server the benchmarks use, as a superuser (``HERALD_BENCH_DATABASE_URL``).
+DEFAULT_ADMIN: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def markers(module: str) -> tuple[str, str]:
+    """The begin and end markers of ``module``'s section of BENCHMARKS.md."""
+    return (
+        f"<!-- {module}: begin (generated; rerun to refresh) -->",
+        f"<!-- {module}: end -->",
+    )
+
+
+def write_section(path: Path, module: str, section: str) -> None:
+    """Replace ``module``'s section of the report (between its markers) with ``section``;
+    a new section goes before the hand-written "Reliability" one, or at the end."""
+    begin_mark, end_mark = markers(module)
+    text = path.read_text(encoding="utf-8") if path.exists() else "# herald benchmarks\n"
+    begin, end = text.find(begin_mark), text.find(end_mark)
+    if begin != -1 and end > begin:
+        text = text[:begin] + section.rstrip("\n") + text[end + len(end_mark) :]
+    else:
+        at = text.find("\n## Reliability")
+        text = (
+            text.rstrip("\n") + "\n\n" + section
+            if at == -1
+            else text[:at] + "\n" + section + text[at:]
+        )
+    path.write_text(text, encoding="utf-8")
+
+
+def add_server_options(parser: argparse.ArgumentParser, database: str) -> None:
+    """``--admin``, ``--database`` (the scratch database, dropped first) and ``--markdown``."""
+    parser.add_argument(
+        "--admin",
+        default=os.environ.get("HERALD_BENCH_DATABASE_URL", DEFAULT_ADMIN),
+        help="A superuser's URL on the server.",
+    )
+    parser.add_argument("--database", default=database, help="The scratch database.")
+    parser.add_argument("--markdown", default="BENCHMARKS.md", help="The report to update.")
