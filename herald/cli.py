@@ -35,7 +35,14 @@ from tenacity import (
 
 from herald import __version__
 from herald.cli_audit import audit_group
-from herald.cli_common import SINCE_HELP, State, pass_state, stop_on_signals, until_seq
+from herald.cli_common import (
+    SINCE_OPTION,
+    UNTIL_OPTION,
+    State,
+    pass_state,
+    stop_on_signals,
+    until_seq,
+)
 from herald.cli_consumers import consumers_group, parked_group, run_command
 from herald.cli_prune import prune_command
 from herald.cli_replay import replay_command, reset_command
@@ -53,12 +60,10 @@ from herald.outbox import (
     UnitOfWork,
     append,
     farm,
-    first_seq_since,
-    head,
     sync_catalogue,
 )
 from herald.outbox.projector import check, rebuild
-from herald.outbox.reader import MAX_SEQ
+from herald.outbox.reader import MAX_SEQ, after_for
 from herald.schema import build_messages, build_steps, builds, migrate
 from herald.schema.dberrors import translated
 from herald.times import parse_time
@@ -255,18 +260,8 @@ def _format(entry: LogEntry) -> str:
     metavar="TOPIC",
     help="Only these topics; * is a wildcard (build_*). Repeatable.",
 )
-@click.option(
-    "--since",
-    default=None,
-    metavar="TIME",
-    help=SINCE_HELP,
-)
-@click.option(
-    "--until",
-    default=None,
-    metavar="SEQ|TIME",
-    help="Stop after this seq, or after the last event recorded at or before TIME.",
-)
+@SINCE_OPTION
+@UNTIL_OPTION
 @click.option(
     "--build",
     "build_id",
@@ -335,8 +330,6 @@ def log_command(
     if until is not None and follow:
         raise click.UsageError("--until stops the output and --follow never does; give one")
     start = parse_time(since, "--since") if since is not None else None
-    if until is not None and not until.isdigit():
-        parse_time(until, "--until")  # a bad time is an error before anything is read
     narrow = EventFilter(build_id, eval_id, jobset_id)
     topic_filter = TopicFilter(topics)
     engine = state.engine()
@@ -346,10 +339,7 @@ def log_command(
         Sequencer().cycle(conn)
         if narrow:
             narrow.check(conn)
-        after = from_seq - 1
-        if start is not None:
-            found = first_seq_since(conn, start)
-            after = head(conn) if found is None else found - 1
+        after = from_seq - 1 if start is None else after_for(conn, start)
         last = None if until is None else until_seq(conn, until)
         conn.rollback()
     stop = threading.Event()

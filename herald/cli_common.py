@@ -20,17 +20,29 @@ from herald.schema.dberrors import translated
 from herald.times import parse_time
 
 __all__ = [
-    "SINCE_HELP",
+    "SINCE_OPTION",
+    "UNTIL_OPTION",
     "State",
     "pass_state",
     "stop_on_signals",
     "until_seq",
 ]
 
-#: The help of every ``--since TIME`` option.
-SINCE_HELP = (
-    "Start at the first event recorded at or after TIME (ISO 8601, UTC unless zoned; "
-    "or an age ago: 30m, 12h, 7d)."
+#: ``--since TIME``: where reading starts, for the commands that read a range of the log.
+SINCE_OPTION = click.option(
+    "--since",
+    default=None,
+    metavar="TIME",
+    help="Start at the first event recorded at or after TIME (ISO 8601, UTC unless zoned; "
+    "or an age ago: 30m, 12h, 7d).",
+)
+
+#: ``--until SEQ|TIME``: where it stops (resolved by :func:`until_seq`).
+UNTIL_OPTION = click.option(
+    "--until",
+    default=None,
+    metavar="SEQ|TIME",
+    help="The last seq, or the last event recorded at or before TIME [default: the head].",
 )
 
 

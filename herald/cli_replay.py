@@ -29,15 +29,22 @@ from rich.progress import (
 )
 
 from herald import operations
-from herald.cli_common import SINCE_HELP, State, pass_state, stop_on_signals, until_seq
+from herald.cli_common import (
+    SINCE_OPTION,
+    UNTIL_OPTION,
+    State,
+    pass_state,
+    stop_on_signals,
+    until_seq,
+)
 from herald.cli_consumers import CONFIG_OPTION, consumers_running
 from herald.consumers import load_config
 from herald.consumers.model import validate_name
 from herald.consumers.replay import replay
 from herald.consumers.store import consumer_row, consumer_rows, ensure_consumer, reset_offset
 from herald.errors import ConsumerBusy, UnknownConsumer, UsageError
-from herald.outbox import Sequencer, first_seq, first_seq_since, head
-from herald.outbox.reader import MAX_SEQ
+from herald.outbox import Sequencer, first_seq, head
+from herald.outbox.reader import MAX_SEQ, after_for
 from herald.times import parse_time
 
 __all__ = ["replay_command", "reset_command"]
@@ -196,8 +203,7 @@ def _target_offset(
             )
         return to_seq - 1
     if when is not None:
-        found = first_seq_since(conn, when)
-        return top if found is None else found - 1
+        return after_for(conn, when)
     if shift_by is not None:
         return min(max(offset + shift_by, earliest), top)
     return earliest
@@ -213,18 +219,8 @@ def _target_offset(
     metavar="SEQ",
     help="The first seq to deliver again.",
 )
-@click.option(
-    "--since",
-    default=None,
-    metavar="TIME",
-    help=SINCE_HELP,
-)
-@click.option(
-    "--until",
-    default=None,
-    metavar="SEQ|TIME",
-    help="The last seq, or the last event recorded at or before TIME [default: the head].",
-)
+@SINCE_OPTION
+@UNTIL_OPTION
 @CONFIG_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end.")
 @pass_state
@@ -266,8 +262,7 @@ def replay_command(
             Sequencer().cycle(conn)
             last = head(conn) if until is None else until_seq(conn, until)
             if start is not None:
-                found = first_seq_since(conn, start)
-                first = last + 1 if found is None else found
+                first = after_for(conn, start) + 1
             else:
                 assert from_seq is not None
                 first = from_seq

@@ -35,6 +35,7 @@ __all__ = [
     "LogReader",
     "Page",
     "TopicFilter",
+    "after_for",
     "entries_at",
     "first_seq",
     "first_seq_since",
@@ -234,6 +235,13 @@ def first_seq_since(conn: sa.Connection, when: datetime) -> int | None:
     with translated():
         found = conn.execute(stmt).scalar_one_or_none()
     return None if found is None else int(found)
+
+
+def after_for(conn: sa.Connection, when: datetime) -> int:
+    """Where to read after so that the first event is the first recorded at or after
+    ``when`` (its seq − 1; the head if none was recorded since): ``--since`` as an offset."""
+    found = first_seq_since(conn, when)
+    return head(conn) if found is None else found - 1
 
 
 def last_seq_until(conn: sa.Connection, when: datetime) -> int:
