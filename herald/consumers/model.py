@@ -172,6 +172,7 @@ def build_key(entry: LogEntry) -> str | None:
     has no key and may go in parallel with everything.
     """
     build_id = entry.payload.get("build_id")
-    if isinstance(build_id, int) and not isinstance(build_id, bool):
+    # type() rather than isinstance(): a bool is an int too, and is no build id.
+    if type(build_id) is int:
         return f"build:{build_id}"
     return entry.aggregate_id

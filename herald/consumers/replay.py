@@ -21,8 +21,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from herald.consumers import store
-from herald.consumers.model import Consumer, build_key
-from herald.consumers.runner import NullMetrics, Runner, _Batch, _Item
+from herald.consumers.model import Consumer
+from herald.consumers.runner import NullMetrics, Runner, _Batch, _items
 from herald.outbox import read_page
 
 __all__ = ["ReplayResult", "replay"]
@@ -103,7 +103,7 @@ def replay(
                 )
                 conn.rollback()
             if page.entries:
-                items = [_Item(e, build_key(e), consumer.rule(e)) for e in page.entries]
+                items = _items(consumer, page.entries)
                 batch = _Batch(consumer, items, {}, "replay", runner.metrics)
                 runner._run(batch, None)
                 with engine.connect() as conn:

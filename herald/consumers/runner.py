@@ -41,7 +41,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any, Literal, Protocol
 
 import sqlalchemy as sa
@@ -51,16 +52,27 @@ from herald.consumers import store
 from herald.consumers.model import Consumer, Delivered, DeliveryFailed, Outcome, build_key
 from herald.consumers.store import ParkedRow, Record
 from herald.errors import LostClaim, TransientDatabaseError
-from herald.outbox import LogEntry, read_page
+from herald.outbox import LogEntry, Page, read_page
 from herald.schema.dberrors import translated
 
 __all__ = ["Metrics", "NullMetrics", "Runner", "deliver_batch"]
 
 log = logging.getLogger("herald.consumers")
 
+_SEQ = attrgetter("seq")
+_monotonic = time.monotonic
+_now = datetime.now
+
 #: How many threads of timed-out handler calls a consumer may leave running;
 #: past that it waits for one to return instead of starting more.
 MAX_ABANDONED = 8
+
+#: Progress commits: a batch's finished prefix is committed whenever another
+#: 1/PROGRESS_PARTS of the batch (at least PROGRESS_MIN events) has finished,
+#: besides every ``commit_interval``. The commits overlap the deliveries, so only
+#: the last part's commit waits at the end of a batch.
+PROGRESS_PARTS = 4
+PROGRESS_MIN = 50
 
 
 class Metrics(Protocol):
@@ -83,34 +95,87 @@ class NullMetrics:
         pass
 
 
-@dataclass(eq=False, slots=True)
 class _Item:
     """One event being delivered to the consumer, with its attempts so far."""
 
-    entry: LogEntry
-    key: str | None
-    rule: Literal["at_least_once", "ephemeral"]
-    attempts: int = 0
-    #: attempts made before this delivery began (a redelivery gets a fresh budget)
-    earlier: int = 0
-    not_before: float = 0.0
-    records: list[Record] = field(default_factory=list)
-    parked: ParkedRow | None = None
-    final: Outcome | None = None
+    # A plain class with slots: a batch makes one per event.
+    __slots__ = (
+        "attempts", "earlier", "entry", "final", "key", "not_before", "parked", "records", "rule",
+        "seq",
+    )  # fmt: skip
 
-    @property
-    def seq(self) -> int:
-        return self.entry.seq
+    def __init__(
+        self,
+        entry: LogEntry,
+        key: str | None,
+        rule: Literal["at_least_once", "ephemeral"],
+        attempts: int = 0,
+        earlier: int = 0,
+    ) -> None:
+        self.entry = entry
+        self.seq: int = entry.seq
+        self.key = key
+        self.rule = rule
+        self.attempts = attempts
+        #: attempts made before this delivery began (a redelivery gets a fresh budget)
+        self.earlier = earlier
+        self.not_before = 0.0
+        self.records: list[Record] = []
+        self.parked: ParkedRow | None = None
+        self.final: Outcome | None = None
 
 
-@dataclass(eq=False, slots=True)
+def _items(consumer: Consumer, entries: Sequence[LogEntry]) -> list[_Item]:
+    """An item per entry, with its build key and the consumer's rule for it."""
+    if consumer.delivery != "auto":
+        fixed = consumer.delivery
+        return [_Item(entry, build_key(entry), fixed) for entry in entries]
+    return [
+        _Item(
+            entry,
+            build_key(entry),
+            "ephemeral" if entry.delivery == "ephemeral" else "at_least_once",
+        )
+        for entry in entries
+    ]
+
+
 class _Call:
-    item: _Item
-    started: float
-    deadline: float
-    started_at: Any
-    worker: Any = None
-    abandoned: bool = False
+    """One handler call: handed out by :meth:`_Batch.next`, its result handed back to it."""
+
+    __slots__ = (
+        "detail", "error", "item", "number", "retry", "seconds", "started", "started_at",
+        "status", "worker",
+    )  # fmt: skip
+
+    def __init__(
+        self, number: int, item: _Item, started: float, started_at: datetime, worker: Any
+    ) -> None:
+        self.number = number
+        self.item = item
+        self.started = started
+        self.started_at = started_at
+        self.worker = worker
+        self.error: str | None = None
+        self.retry = True
+        self.status: int | None = None
+        self.detail: dict[str, Any] | None = None
+        self.seconds = 0.0
+
+    def call(self, handler: Callable[[LogEntry], Delivered | None]) -> None:
+        """Call ``handler``; note how it went (a handler's failure is recorded, never fatal)."""
+        try:
+            result = handler(self.item.entry)
+            if isinstance(result, Delivered):
+                self.status = result.http_status
+                self.detail = dict(result.detail) if result.detail is not None else None
+        except DeliveryFailed as exc:
+            self.error, self.retry = str(exc) or type(exc).__name__, exc.retry
+            self.status = exc.http_status
+            self.detail = dict(exc.detail) if exc.detail is not None else None
+        except Exception as exc:  # noqa: BLE001 - recorded, and the consumer goes on
+            self.error = f"{type(exc).__name__}: {exc}"
+        self.seconds = _monotonic() - self.started
 
 
 class _Batch:
@@ -125,110 +190,122 @@ class _Batch:
         metrics: Metrics,
     ) -> None:
         self.consumer = consumer
-        self.items = sorted(items, key=lambda i: i.seq)
+        self.items = sorted(items, key=_SEQ)
         self.blocked = blocked
         self.kind = kind
         self.metrics = metrics
-        self.cond = threading.Condition()
-        self.ready: list[tuple[int, int, _Item]] = []
+        # One lock, two conditions: workers wait on `cond` for an event to deliver, the
+        # runner waits on `watch` for the batch's end or a deadline. A settled event
+        # wakes a worker at most, never the runner: waking the runner for every event
+        # cost a thread switch per event, most of a no-op consumer's time.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.watch = threading.Condition(self.lock)
+        #: when the runner looks again by itself (monotonic); an earlier deadline wakes it
+        self.watch_until = 0.0
+        #: heaps of (seq, item) and (when, seq, item): seqs are unique in a batch
+        self.ready: list[tuple[int, _Item]] = []
         self.delayed: list[tuple[float, int, _Item]] = []
         self.waiting: dict[str, deque[_Item]] = {}
-        self.in_flight: set[_Call] = set()
+        #: the calls in flight, by number
+        self.in_flight: dict[int, _Call] = {}
+        self.calls = 0
+        self.timeout = consumer.timeout
         # Items finished by an earlier run (recorded beyond its offset at a clean stop).
         self.remaining = sum(1 for item in self.items if item.final is None)
         #: items handed to a worker and not yet settled
         self.busy = 0
+        #: the runner commits progress every so many finished items (0: only by time)
+        self.progress_every = 0
+        #: wake the runner when ``remaining`` falls to this
+        self.progress_at = -1
         self.stopping = False
+        waiting, ready = self.waiting, self.ready
         for item in self.items:
             if item.final is not None:
                 continue
-            if item.key is not None and item.key in self.waiting:
-                self.waiting[item.key].append(item)
-                continue
-            if item.key is not None:
-                self.waiting[item.key] = deque()
-            heapq.heappush(self.ready, (item.seq, id(item), item))
+            key = item.key
+            if key is not None:
+                queue = waiting.get(key)
+                if queue is not None:
+                    queue.append(item)
+                    continue
+                waiting[key] = deque()
+            # In seq order: the list is a heap as it is.
+            ready.append((item.seq, item))
         self._retrying = Retrying()
         self.backoff = wait_exponential(multiplier=consumer.retry_initial, max=consumer.retry_max)
 
     # -- workers ---------------------------------------------------------------------
 
-    def take(self) -> _Item | None:
-        """The next event to deliver (lowest seq first); None when the batch is over."""
-        with self.cond:
-            while True:
-                if self.stopping or self.remaining == 0:
+    def next(self, worker: Any, done: _Call | None = None) -> _Call | None:
+        """Settle ``done`` (the worker's last call) and hand out the next event to call.
+
+        One lock hold per event: settling one call and starting the next are the
+        same step. Lowest seq first; an event held behind its build's parked one,
+        or an ephemeral one past the staleness limit, is settled here without a
+        call. None when the batch is over, or when the runner abandoned ``done``
+        (it passed its deadline: the runner settled it, and ``worker`` is replaced).
+        """
+        with self.lock:
+            if done is not None:
+                if self.in_flight.pop(done.number, None) is None:
                     return None
-                self._wake_delayed()
-                if self.ready:
-                    self.busy += 1
-                    return heapq.heappop(self.ready)[2]
-                timeout = None
+                self._idle()
+                self._settle(
+                    done.item, done.started_at, done.seconds, done.error, done.retry,
+                    done.status, done.detail,
+                )  # fmt: skip
+            consumer = self.consumer
+            while True:
+                if self.stopping or not self.remaining:
+                    return None
                 if self.delayed:
-                    timeout = max(0.0, self.delayed[0][0] - time.monotonic())
-                self.cond.wait(timeout)
+                    self._wake_delayed()
+                if not self.ready:
+                    timeout = None
+                    if self.delayed:
+                        timeout = max(0.0, self.delayed[0][0] - _monotonic())
+                    self.cond.wait(timeout)
+                    continue
+                item = heapq.heappop(self.ready)[1]
+                if self.blocked and item.key is not None:
+                    head = self.blocked.get(item.key)
+                    if head is not None and head < item.seq:
+                        self._held(item, head)
+                        continue
+                started_at = _now(UTC)
+                if item.rule == "ephemeral" and self.kind != "replay":
+                    age = (started_at - item.entry.recorded_at).total_seconds()
+                    if age > consumer.staleness:
+                        self._record(
+                            item, "expired", started_at, 0.0,
+                            f"not delivered: {age:.0f} s old, the staleness limit is "
+                            f"{consumer.staleness:g} s",
+                        )  # fmt: skip
+                        self._done(item, "expired")
+                        continue
+                self.calls += 1
+                call = _Call(self.calls, item, _monotonic(), started_at, worker)
+                self.in_flight[call.number] = call
+                self.busy += 1
+                if call.started + self.timeout < self.watch_until:
+                    self.watch.notify()
+                return call
 
     def _wake_delayed(self) -> None:
-        current = time.monotonic()
+        current = _monotonic()
         while self.delayed and self.delayed[0][0] <= current:
             _, _, item = heapq.heappop(self.delayed)
-            heapq.heappush(self.ready, (item.seq, id(item), item))
-
-    def deliver(
-        self,
-        item: _Item,
-        handler: Callable[[LogEntry], Delivered | None],
-        worker: Any = None,
-    ) -> bool:
-        """Make one attempt at ``item``; False if this worker was abandoned meanwhile."""
-        consumer = self.consumer
-        head = self.blocked.get(item.key) if item.key is not None else None
-        if head is not None and head < item.seq:
-            with self.cond:
-                self.busy -= 1
-                self._held(item, head)
-            return True
-        started_at = store.now()
-        if item.rule == "ephemeral" and self.kind != "replay":
-            age = (started_at - item.entry.recorded_at).total_seconds()
-            if age > consumer.staleness:
-                with self.cond:
-                    self.busy -= 1
-                    self._record(
-                        item, "expired", started_at, 0.0,
-                        f"not delivered: {age:.0f} s old, the staleness limit is "
-                        f"{consumer.staleness:g} s",
-                    )  # fmt: skip
-                    self._done(item, "expired")
-                return True
-        started = time.monotonic()
-        call = _Call(item, started, started + consumer.timeout, started_at, worker)
-        with self.cond:
-            self.in_flight.add(call)
-        error: str | None = None
-        retry = True
-        status: int | None = None
-        detail: dict[str, Any] | None = None
-        try:
-            result = handler(item.entry)
-            if isinstance(result, Delivered):
-                status = result.http_status
-                detail = dict(result.detail) if result.detail is not None else None
-        except DeliveryFailed as exc:
-            error, retry, status = str(exc) or type(exc).__name__, exc.retry, exc.http_status
-            detail = dict(exc.detail) if exc.detail is not None else None
-        except Exception as exc:  # noqa: BLE001 - a handler's failure is recorded, never fatal
-            error = f"{type(exc).__name__}: {exc}"
-        seconds = time.monotonic() - started
-        with self.cond:
-            if call.abandoned:
-                return False
-            self.busy -= 1
-            self.in_flight.discard(call)
-            self._settle(item, started_at, seconds, error, retry, status, detail)
-        return True
+            heapq.heappush(self.ready, (item.seq, item))
 
     # -- settling (with the condition held) --------------------------------------------
+
+    def _idle(self) -> None:
+        """A worker is done with its event; a stopping runner waits for the last one."""
+        self.busy -= 1
+        if self.stopping and not self.busy:
+            self.watch.notify_all()
 
     def _record(
         self,
@@ -243,15 +320,15 @@ class _Batch:
     ) -> None:
         item.records.append(
             Record(
-                seq=item.seq,
-                attempt=item.attempts if attempt is None else attempt,
-                outcome=outcome,
-                started_at=started_at,
-                duration_ms=round(seconds * 1000.0, 3),
-                error=error[:4000] if error else None,
-                http_status=status,
-                detail=detail,
-                kind=self.kind,
+                item.seq,
+                item.attempts if attempt is None else attempt,
+                outcome,
+                started_at,
+                round(seconds * 1000.0, 3),
+                error[:4000] if error else None,
+                status,
+                detail,
+                self.kind,
             )
         )
         self.metrics.attempt(self.consumer.name, outcome, seconds)
@@ -282,7 +359,7 @@ class _Batch:
             state = RetryCallState(self._retrying, None, (), {})
             state.attempt_number = item.attempts
             item.not_before = time.monotonic() + self.backoff(state)
-            heapq.heappush(self.delayed, (item.not_before, id(item), item))
+            heapq.heappush(self.delayed, (item.not_before, item.seq, item))
             self.cond.notify_all()
         elif retry and self.stopping:
             # Stopping: the event stays unfinished (not parked); the next run retries it.
@@ -311,24 +388,29 @@ class _Batch:
             queue = self.waiting.get(item.key)
             if queue:
                 follower = queue.popleft()
-                heapq.heappush(self.ready, (follower.seq, id(follower), follower))
+                heapq.heappush(self.ready, (follower.seq, follower))
+                self.cond.notify()
             else:
                 self.waiting.pop(item.key, None)
-        self.cond.notify_all()
+        if not self.remaining:
+            self.cond.notify_all()
+            self.watch.notify_all()
+        elif self.remaining <= self.progress_at:
+            self.progress_at -= self.progress_every
+            self.watch.notify()
 
     # -- the runner's side -------------------------------------------------------------
 
     def overdue(self) -> list[_Call]:
         """Abandon the calls past their deadline; each counts as a failed attempt."""
-        current = time.monotonic()
-        late = [call for call in self.in_flight if call.deadline <= current]
+        current = _monotonic()
+        late = [call for call in self.in_flight.values() if call.started + self.timeout <= current]
         for call in late:
-            call.abandoned = True
             if call.worker is not None:
                 # The worker thread stays in the handler; it is replaced now.
                 call.worker.abandoned = True
             self.busy -= 1
-            self.in_flight.discard(call)
+            del self.in_flight[call.number]
             self._settle(
                 call.item, call.started_at, current - call.started,
                 f"timed out after {self.consumer.timeout:g} s", True, None, None,
@@ -336,7 +418,8 @@ class _Batch:
         return late
 
     def next_deadline(self) -> float | None:
-        return min((call.deadline for call in self.in_flight), default=None)
+        started = min((call.started for call in self.in_flight.values()), default=None)
+        return None if started is None else started + self.timeout
 
 
 class _Worker(threading.Thread):
@@ -353,10 +436,13 @@ class _Worker(threading.Thread):
             batch = runner.wait_for_batch(self)
             if batch is None:
                 return
-            while (item := batch.take()) is not None:
-                if not batch.deliver(item, runner.consumer.handler, self):
-                    self.abandoned = True
-                    return
+            handler = runner.consumer.handler
+            call = batch.next(self)
+            while call is not None:
+                call.call(handler)
+                call = batch.next(self, call)
+            if self.abandoned:
+                return
 
 
 class Runner(threading.Thread):
@@ -395,6 +481,9 @@ class Runner(threading.Thread):
         self.ahead: dict[int, tuple[int, set[str]]] = {}
         self._batch: _Batch | None = None
         self._batch_changed = threading.Condition()
+        #: the page after the batch in flight, read while it was delivered
+        self._prefetched: Page | None = None
+        self._prefetched_after = -1
         self._workers: list[_Worker] = []
         self._abandoned: list[_Worker] = []
         self.error: BaseException | None = None
@@ -411,6 +500,7 @@ class Runner(threading.Thread):
             # the batch's lock here while holding another would invert their order).
             with batch.cond:
                 batch.cond.notify_all()
+                batch.watch.notify_all()
         with self._batch_changed:
             self._batch_changed.notify_all()
 
@@ -484,6 +574,7 @@ class Runner(threading.Thread):
                 self.wake.clear()
 
     def _load(self) -> None:
+        self._prefetched = None
         with self.engine.connect() as conn:
             row = store.consumer_row(conn, self.consumer.name)
             if row is None or row.owner != self.token:
@@ -513,6 +604,7 @@ class Runner(threading.Thread):
                 log.warning(
                     "consumer %s was reset: offset %d -> %d", consumer.name, self.offset, row.offset
                 )
+                self._prefetched = None
                 self._load()
                 return False
             requests = None
@@ -520,7 +612,10 @@ class Runner(threading.Thread):
                 self.blocked = store.parked_heads(conn, consumer.name)
                 requests = store.redeliver_requests(conn, consumer.name)
                 self.control = row.control
-            page = read_page(conn, self.offset, consumer.batch_size, consumer.topic_filter)
+            page = self._prefetched
+            if page is None or self._prefetched_after != self.offset:
+                page = read_page(conn, self.offset, consumer.batch_size, consumer.topic_filter)
+            self._prefetched = None
             conn.rollback()
         if requests:
             self._redeliver(requests)
@@ -532,8 +627,9 @@ class Runner(threading.Thread):
         return page.at_head
 
     def _items(self, entries: Sequence[LogEntry]) -> list[_Item]:
-        rule = self.consumer.rule
-        items = [_Item(entry, build_key(entry), rule(entry)) for entry in entries]
+        items = _items(self.consumer, entries)
+        if not (self.parked_ahead or self.ahead):
+            return items
         for item in items:
             if item.seq in self.parked_ahead:
                 # Parked before a reset moved the offset back: it stays parked (an
@@ -556,26 +652,50 @@ class Runner(threading.Thread):
                 item.final = "failed"
         return items
 
-    def _run(self, batch: _Batch, on_progress: Callable[[_Batch], None] | None) -> None:
-        """Hand ``batch`` to the workers; watch deadlines; commit progress as it comes."""
+    def _run(
+        self,
+        batch: _Batch,
+        on_progress: Callable[[_Batch], None] | None,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        """Hand ``batch`` to the workers; watch deadlines; commit progress as it comes.
+
+        ``on_start`` runs in this thread once the workers have the batch (the
+        next page is read meanwhile). ``on_progress`` runs every
+        ``commit_interval`` and whenever another ``progress_every`` events have
+        finished, while the workers go on: the records reach the database while
+        the handler is being called, not after the batch.
+        """
         with self._batch_changed:
             self._batch = batch
             self._batch_changed.notify_all()
         last_commit = time.monotonic()
+        if on_progress is not None:
+            batch.progress_every = max(PROGRESS_MIN, len(batch.items) // PROGRESS_PARTS)
+            batch.progress_at = batch.remaining - batch.progress_every
         try:
+            if on_start is not None:
+                on_start()
             with batch.cond:
+                committed_at = batch.remaining
                 while batch.remaining and not (batch.stopping and not batch.busy):
                     if self.stop_requested.is_set() and not batch.stopping:
                         batch.stopping = True
                         batch.cond.notify_all()
-                    waits = [self.commit_interval]
+                    current = time.monotonic()
+                    until = current + self.commit_interval
                     deadline = batch.next_deadline()
                     if deadline is not None:
-                        waits.append(deadline - time.monotonic())
-                    batch.cond.wait(max(0.001, min(waits)))
+                        until = min(until, deadline)
+                    batch.watch_until = until
+                    batch.watch.wait(max(0.001, until - current))
                     if batch.overdue():
                         self._replace_abandoned()
-                    if on_progress and time.monotonic() - last_commit >= self.commit_interval:
+                    due = time.monotonic() - last_commit >= self.commit_interval
+                    if on_progress and (
+                        due or committed_at - batch.remaining >= batch.progress_every
+                    ):
+                        committed_at = batch.remaining
                         batch.cond.release()
                         try:
                             on_progress(batch)
@@ -593,7 +713,7 @@ class Runner(threading.Thread):
                 while batch.busy:
                     deadline = batch.next_deadline()
                     wait = 0.05 if deadline is None else deadline - time.monotonic()
-                    batch.cond.wait(max(0.001, min(wait, 0.5)))
+                    batch.watch.wait(max(0.001, min(wait, 0.5)))
                     if batch.overdue():
                         self._replace_abandoned()
             with self._batch_changed:
@@ -639,7 +759,15 @@ class Runner(threading.Thread):
             self._commit(offset, prefix, [i.parked for i in prefix if i.parked is not None])
             committed = done
 
-        self._run(batch, progress)
+        prefetch = None
+        if len(entries) == self.consumer.batch_size:
+            # A full page: more is waiting. Read it while this one is delivered (the
+            # database works while the handler is called); the next step takes it if
+            # this batch ends where it begins.
+            def prefetch() -> None:
+                self._prefetch(next_after)
+
+        self._run(batch, progress, prefetch)
         progress(batch)
         if committed == len(batch.items) and self.offset < next_after:
             self._commit(next_after, [], [])
@@ -650,6 +778,19 @@ class Runner(threading.Thread):
             # record, and the parked events), so the next run does not deliver the
             # finished ones again.
             self._commit(self.offset, rest, [i.parked for i in rest if i.parked is not None])
+
+    def _prefetch(self, after: int) -> None:
+        self._prefetched = None
+        try:
+            with self.engine.connect() as conn, translated():
+                page = read_page(conn, after, self.consumer.batch_size, self.consumer.topic_filter)
+                conn.rollback()
+        except TransientDatabaseError as exc:
+            # Only a head start: the next step reads it again (and meets the error, if
+            # it lasts, where errors are handled).
+            log.debug("consumer %s: reading ahead failed: %s", self.consumer.name, exc)
+            return
+        self._prefetched, self._prefetched_after = page, after
 
     def _commit(self, offset: int, items: Sequence[_Item], parked: Sequence[ParkedRow]) -> None:
         records = [record for item in items for record in item.records]

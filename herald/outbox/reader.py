@@ -13,13 +13,18 @@ rare topic in a huge log costs a bounded read per page; the page's
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from functools import partial
+from typing import Any, Final, NamedTuple
 
+import psycopg
 import sqlalchemy as sa
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
 
 from herald.domain import topic_filter_pattern_ok, validate_topic
 from herald.errors import InvalidTopic, UnknownAggregate, UsageError
@@ -27,6 +32,7 @@ from herald.outbox.sequencer import Sequencer
 from herald.outbox.wakeup import Waker
 from herald.schema import events, log_order
 from herald.schema.dberrors import translated
+from herald.schema.queries import QUERIES
 
 __all__ = [
     "MAX_SEQ",
@@ -49,9 +55,13 @@ __all__ = [
 MAX_SEQ = 2**63 - 1
 
 
-@dataclass(frozen=True, slots=True)
-class LogEntry:
-    """One event at its place in the log."""
+class LogEntry(NamedTuple):
+    """One event at its place in the log.
+
+    A named tuple rather than a dataclass: a consumer reads thousands a
+    second, and a tuple is built in C, several times faster than a frozen
+    dataclass's ``__init__``.
+    """
 
     seq: int
     position: int
@@ -114,10 +124,14 @@ class TopicFilter:
         terms: list[sa.ColumnElement[bool]] = []
         if self.exact:
             terms.append(events.c.topic.in_(self.exact))
-        for pattern in self.patterns:
-            like = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            terms.append(events.c.topic.like(like.replace("*", "%"), escape="\\"))
+        terms.extend(events.c.topic.like(_like(p), escape="\\") for p in self.patterns)
         return sa.or_(*terms)
+
+
+def _like(pattern: str) -> str:
+    """A topic pattern (``build_*``) as a LIKE pattern with ``\\`` as the escape."""
+    like = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return like.replace("*", "%")
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,15 +288,63 @@ _COLUMNS = (
 
 
 def _entry(row: Any) -> LogEntry:
-    # Positional (the order of _COLUMNS): a page is thousands of rows, and a Row's
-    # attribute lookups by name cost more than building the entry itself. SQLite
-    # gives back naive datetimes; herald stores UTC.
+    # Positional (the order of _COLUMNS): a page is thousands of rows. SQLite gives
+    # back naive datetimes; herald stores UTC.
     seq, position, topic, payload, delivery, dedupe, aggregate, version, trace, occurred, at = row
     return LogEntry(
         seq, position, topic, payload, delivery, dedupe, aggregate, version, trace,
         occurred if occurred.tzinfo is not None else occurred.replace(tzinfo=UTC),
         at if at.tzinfo is not None else at.replace(tzinfo=UTC),
     )  # fmt: skip
+
+
+#: psycopg's row maker for the hot read: a row is a LogEntry as it comes (PostgreSQL's
+#: timestamptz is aware already), built by tuple's own constructor.
+_ENTRY_ROW: Final = partial(tuple.__new__, LogEntry)
+
+_DECODER: Final = json.JSONDecoder()
+
+
+class _PayloadLoader(Loader):
+    """jsonb → Python for the hot read, without ``json.loads``'s per-call overhead.
+
+    psycopg's own loader calls ``json.loads`` on bytes (an encoding sniff and a
+    decoder lookup per value: 2.3 µs for a small payload, more than the rest of
+    the row). PostgreSQL's jsonb output is one JSON value and nothing else, so
+    ``raw_decode`` reads it directly (0.6 µs); anything else falls back to
+    ``json.loads``, which raises as usual.
+    """
+
+    def load(self, data: Buffer) -> Any:
+        text = str(data, "utf-8")
+        try:
+            value, end = _DECODER.raw_decode(text)
+        except json.JSONDecodeError:
+            return json.loads(text)
+        return value if end == len(text) else json.loads(text)
+
+
+def _fetch_postgresql(
+    conn: sa.Connection, after: int, bound: int, limit: int, topics: TopicFilter | None
+) -> list[LogEntry]:
+    """The page on the driver (PostgreSQL): no SQLAlchemy rows, entries built in C.
+
+    ``conn`` has begun its transaction already (the head was read through it),
+    so this runs in the same one.
+    """
+    driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+    params = {
+        "after": after,
+        "bound": bound,
+        "limit": limit,
+        "every": not topics,
+        "exact": topics.exact if topics else [],
+        "patterns": [_like(p) for p in topics.patterns] if topics else [],
+    }
+    with driver.cursor(row_factory=lambda _cursor: _ENTRY_ROW) as cursor:
+        cursor.adapters.register_loader("jsonb", _PayloadLoader)
+        cursor.execute(QUERIES["read_page"], params)
+        return cursor.fetchall()
 
 
 def entries_at(conn: sa.Connection, seqs: Iterable[int]) -> dict[int, LogEntry]:
@@ -330,19 +392,21 @@ def read_page(
         if until_seq is not None:
             top = min(top, until_seq)
         bound = min(top, after + scan_limit) if topics or narrow else top
-        stmt = (
-            sa.select(*_COLUMNS)
-            .join_from(log_order, events, log_order.c.position == events.c.position)
-            .where(log_order.c.seq > after, log_order.c.seq <= bound)
-            .order_by(log_order.c.seq)
-            .limit(limit)
-        )
-        if topics:
-            stmt = stmt.where(topics.clause())
-        if narrow:
-            stmt = stmt.where(narrow.clause(conn.dialect.name))
-        rows = conn.execute(stmt).all()
-    entries = [_entry(row) for row in rows]
+        if conn.dialect.name == "postgresql" and not narrow:
+            entries = _fetch_postgresql(conn, after, bound, limit, topics)
+        else:
+            stmt = (
+                sa.select(*_COLUMNS)
+                .join_from(log_order, events, log_order.c.position == events.c.position)
+                .where(log_order.c.seq > after, log_order.c.seq <= bound)
+                .order_by(log_order.c.seq)
+                .limit(limit)
+            )
+            if topics:
+                stmt = stmt.where(topics.clause())
+            if narrow:
+                stmt = stmt.where(narrow.clause(conn.dialect.name))
+            entries = [_entry(row) for row in conn.execute(stmt)]
     if len(entries) == limit:
         return Page(entries, entries[-1].seq, at_head=entries[-1].seq >= top)
     return Page(entries, max(after, bound), at_head=bound >= top)

@@ -96,3 +96,16 @@ JOIN pg_locks AS l
 -- consumers_wake --
 -- Wake the daemons' consumers now (after an operator's request); like every NOTIFY, only a hint.
 SELECT pg_notify('herald_log', 'consumers')
+
+-- read_page --
+-- A consumer's page: entries after %(after)s up to %(bound)s, every topic or those named (psycopg %(name)s placeholders, read on the driver).
+SELECT l.seq, e.position, e.topic, e.payload, e.delivery, e.dedupe_key, e.aggregate_id,
+       e.aggregate_version, e.trace_id, e.occurred_at, e.recorded_at
+FROM herald_log AS l
+JOIN herald_events AS e ON e.position = l.position
+WHERE l.seq > %(after)s AND l.seq <= %(bound)s
+  AND (%(every)s
+       OR e.topic = ANY (CAST(%(exact)s AS text[]))
+       OR e.topic LIKE ANY (CAST(%(patterns)s AS text[])))
+ORDER BY l.seq
+LIMIT %(limit)s
