@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 DEMO_DB := herald-demo.db
 
 .PHONY: demo test lint typecheck unit postgres bench clean
@@ -16,6 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
+
+# The benchmarks' extra (matplotlib, for the latency plot); `make test` does without it.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
 
 demo: $(STAMP)
 	@rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
@@ -40,13 +46,14 @@ postgres: $(STAMP)
 test: lint typecheck postgres
 	$(BIN)/pytest -p no:cacheprovider
 
-bench: $(STAMP) postgres
+bench: $(BENCH_STAMP) postgres
 	$(BIN)/python -m bench.append_throughput
 	$(BIN)/python -m bench.unit_of_work
 	$(BIN)/python -m bench.consumers
 	$(BIN)/python -m bench.idle
 	$(BIN)/python -m bench.long_transaction
 	$(BIN)/python -m bench.replay
+	$(BIN)/python -m bench.plot
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(DEMO_DB)*

@@ -6,7 +6,8 @@ A scratch database (``herald_bench_long``, dropped first) is migrated and
 ``herald run`` (the sequencer daemon) started. One transaction appends an
 event and then stays open for ``--hold`` seconds (a slow evaluation, a stuck
 queue runner). Meanwhile one writer commits ``--rate`` events a second, one
-per transaction, and two readers follow the log:
+per transaction (from ``--lead`` seconds before the transaction begins until
+``--tail`` seconds after it ends), and two readers follow the log:
 
 * **herald**: :meth:`herald.outbox.LogReader.follow` (the sequencer orders each
   transaction when it becomes visible, whatever is still open);
@@ -20,7 +21,9 @@ Latency of an event = the time a reader gets it − the time its writer's
 COMMIT returned (one clock: the same machine). The report gives p50, p99
 and max for events committed while the transaction was open, and writes its
 section of ``BENCHMARKS.md`` (between the ``bench.long_transaction``
-markers). Target: herald's p99 ≤ 100 ms.
+markers). Target: herald's p99 ≤ 100 ms. Every event's sample (its commit
+time and each reader's latency) and when the transaction began and ended are
+kept in ``--samples``/``b6.json`` for ``python -m bench.plot``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -47,6 +51,7 @@ from bench.append_throughput import (
     percentile,
 )
 from bench.common import add_server_options, markers, write_section
+from bench.plot import SAMPLES, machine_facts, write_samples
 from herald.config import create_engine
 from herald.outbox import LogReader, NewEvent, append_many
 
@@ -65,6 +70,12 @@ class Result:
     #: events committed during the hold that each reader never got
     herald_missing: int
     horizon_missing: int
+    #: every event, during the hold or not: [s from the writer's start to its COMMIT,
+    #: herald's latency, the horizon's latency] (None: that reader never got it)
+    samples: list[tuple[float, float | None, float | None]]
+    #: when the long transaction began and when its COMMIT was sent, s from the writer's start
+    began: float
+    ended: float
 
 
 class Commits:
@@ -73,7 +84,13 @@ class Commits:
     def __init__(self, dsn: str, rate: float, stop: threading.Event) -> None:
         self.dsn, self.rate, self.stop = dsn, rate, stop
         self.at: dict[int, float] = {}
+        #: time.time() when the writer was started: the samples' zero
+        self.started = 0.0
         self.thread = threading.Thread(target=self._run, daemon=True, name="bench-writer")
+
+    def start(self) -> None:
+        self.started = time.time()
+        self.thread.start()
 
     def _run(self) -> None:
         with psycopg.connect(self.dsn) as conn:
@@ -138,10 +155,11 @@ def measure(args: argparse.Namespace) -> Result:
                 reader.start()
             writer_stop = threading.Event()
             writer = Commits(dsn, args.rate, writer_stop)
+            writer.start()
+            time.sleep(args.lead)
             with psycopg.connect(dsn) as long_conn:
                 append_many(long_conn, [NewEvent("acme.long", {"held": args.hold})])
                 opened = time.time()
-                writer.thread.start()
                 time.sleep(args.hold)
                 closing = time.time()
                 long_conn.commit()
@@ -162,6 +180,14 @@ def measure(args: argparse.Namespace) -> Result:
     during = [n for n, at in writer.at.items() if opened <= at <= closing]
     herald = [by_herald[n] - writer.at[n] for n in during if n in by_herald]
     horizon = [by_horizon[n] - writer.at[n] for n in during if n in by_horizon]
+    samples = [
+        (
+            at - writer.started,
+            by_herald[n] - at if n in by_herald else None,
+            by_horizon[n] - at if n in by_horizon else None,
+        )
+        for n, at in sorted(writer.at.items())
+    ]
     return Result(
         machine,
         args.hold,
@@ -171,7 +197,39 @@ def measure(args: argparse.Namespace) -> Result:
         horizon,
         len(during) - len(herald),
         len(during) - len(horizon),
+        samples,
+        opened - writer.started,
+        closing - writer.started,
     )
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def samples_record(result: Result, args: argparse.Namespace) -> dict[str, Any]:
+    """Every event's sample, for ``bench.plot``."""
+    return {
+        "benchmark": "B6",
+        "script": "bench/long_transaction.py",
+        "measures": "commit → a reader gets the event, seconds; herald and the xid horizon",
+        "machine": machine_facts(result.machine),
+        "parameters": {
+            "hold": args.hold,
+            "rate": args.rate,
+            "lead": args.lead,
+            "tail": args.tail,
+            "warmup": args.warmup,
+        },
+        "targets": {"herald_p99": 0.100},
+        "began": round(result.began, 4),
+        "ended": round(result.ended, 4),
+        # [s from the writer's start to the COMMIT, herald's latency, the horizon's latency]
+        "samples": [
+            [round(at, 4), _rounded(herald, 6), _rounded(horizon, 6)]
+            for at, herald, horizon in result.samples
+        ],
+    }
 
 
 def _ms(seconds: float) -> str:
@@ -202,11 +260,13 @@ Date: {datetime.now(UTC):%Y-%m-%d}. Script: `bench/long_transaction.py`. {git_re
 on the same machine; other client sessions on the server at the start: {machine.other_sessions}.
 
 **Reproduce.** `make bench`, or `.venv/bin/python -m bench.long_transaction --hold
-{args.hold:g} --rate {args.rate:g}` (`--tail`, `--warmup`, `--admin`, `--database`, `--help`).
+{args.hold:g} --rate {args.rate:g}` (`--lead`, `--tail`, `--warmup`, `--samples`, `--admin`,
+`--database`, `--help`).
 
 **What is measured.** `herald run` orders the log. One transaction appends an event and stays
 open {result.hold:g} s; meanwhile a writer commits {result.rate:g} events/s, one per
-transaction. Latency = a reader gets the event − its COMMIT returned, for the
+transaction, from {args.lead:g} s before the transaction begins until {args.tail:g} s after it
+ends. Latency = a reader gets the event − its COMMIT returned, for the
 {result.during} events committed while the transaction was open.
 
 | reader | events got | not got | p50 | p99 | max |
@@ -225,8 +285,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.long_transaction", description=__doc__)
     parser.add_argument("--hold", type=float, default=30.0, help="How long it stays open.")
     parser.add_argument("--rate", type=float, default=100.0, help="Other events a second.")
+    parser.add_argument("--lead", type=float, default=2.0, help="Writing before it begins.")
     parser.add_argument("--tail", type=float, default=2.0, help="Writing after it commits.")
     parser.add_argument("--warmup", type=float, default=2.0, help="After herald run starts.")
+    parser.add_argument(
+        "--samples",
+        type=Path,
+        default=SAMPLES,
+        help="Where the per-event samples go, as b6.json (for python -m bench.plot).",
+    )
     add_server_options(parser, "herald_bench_long")
     return parser.parse_args(argv)
 
@@ -236,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = measure(args)
     section = markdown(result, args)
     print(section)
+    print(f"wrote {write_samples(args.samples, 'b6.json', samples_record(result, args))}")
     write_section(Path(args.markdown), "bench.long_transaction", section)
 
 
