@@ -49,8 +49,19 @@ file in a temporary directory, deleted at the end), both migrated as
    what the two halves are made of. Before the latency runs, the writers
    run alone for 5 s at the highest rate (no daemon): what they can do.
 
+3. **Commit → handler latency on SQLite** (B9: reported, no target), the
+   same measurement on the SQLite file of part 1, afterwards, at each of
+   ``--sqlite-rates`` (1,000 and 200 events/s), with ``--sqlite-writers``
+   processes (1) appending through an engine from
+   :func:`herald.config.create_engine` (``with engine.begin()`` and
+   :func:`herald.outbox.append`: SQLite's one writer at a time, and the event
+   ordered in its own transaction). No sequencer, no NOTIFY: the daemon's
+   consumer polls. The writers alone first, as on PostgreSQL.
+
 It prints tables, rewrites its own section of ``BENCHMARKS.md`` (between the
-``bench.consumers`` markers; the rest of the file is kept) and removes its
+``bench.consumers`` markers; the rest of the file is kept), keeps every
+latency round's per-event samples (commit time, commit → handler) in
+``--samples``/``b5.json`` for ``python -m bench.plot``, and removes its
 databases.
 """
 
@@ -93,6 +104,7 @@ from bench.append_throughput import (
     source_digest,
     text_table,
 )
+from bench.plot import SAMPLES, machine_facts, write_samples
 from bench.unit_of_work import filesystem_of, host_machine, scratch_postgresql, scratch_sqlite
 from herald.config import create_engine
 from herald.consumers import Consumer, Daemon, wait_for
@@ -455,6 +467,32 @@ class WriterResult:
     error: str | None = None
 
 
+def _on_schedule(
+    commit_one: Callable[[dict[str, Any]], int],
+    rate: float,
+    count: int,
+    start_at: float,
+    index: int,
+    writers: int,
+    commits: list[Commit],
+) -> None:
+    """Commit events ``index``, ``index + writers``, ... of ``count``, one per transaction.
+
+    Event *i* is due at ``start_at + i / rate`` (CLOCK_MONOTONIC is system-wide):
+    an absolute schedule, so a late commit does not shift the ones after it.
+    ``commit_one`` appends one event, commits and returns its position.
+    """
+    for number in range(index, count, writers):
+        due = start_at + number / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        payload = {"build_id": LATENCY_IDS_FROM + number, "dependent_ids": []}
+        position = commit_one(payload)
+        committed = time.time()
+        commits.append(Commit(number, position, committed, time.monotonic() - due))
+
+
 def latency_writer_main(
     dsn: str,
     rate: float,
@@ -464,29 +502,58 @@ def latency_writer_main(
     writers: int,
     results: Channel[WriterResult],
 ) -> None:
-    """Append events ``index``, ``index + writers``, ... of ``count``, one per transaction.
-
-    Event *i* is due at ``start_at + i / rate`` (CLOCK_MONOTONIC is system-wide):
-    an absolute schedule, so a late commit does not shift the ones after it.
-    """
+    """PostgreSQL: psycopg 3 and :func:`herald.outbox.append` on one connection."""
     commits: list[Commit] = []
     try:
         with psycopg.connect(dsn) as conn:
             conn.execute("SELECT 1")
             conn.rollback()
-            for number in range(index, count, writers):
-                due = start_at + number / rate
-                delay = due - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                payload = {"build_id": LATENCY_IDS_FROM + number, "dependent_ids": []}
+
+            def commit_one(payload: dict[str, Any]) -> int:
                 position = append(conn, TOPIC, payload)
                 conn.commit()
-                committed = time.time()
-                commits.append(Commit(number, position, committed, time.monotonic() - due))
+                return position
+
+            _on_schedule(commit_one, rate, count, start_at, index, writers, commits)
     except Exception as exc:
         results.put(WriterResult(commits, repr(exc)))
         return
+    results.put(WriterResult(commits))
+
+
+def sqlite_writer_main(
+    url: str,
+    rate: float,
+    count: int,
+    start_at: float,
+    index: int,
+    writers: int,
+    results: Channel[WriterResult],
+) -> None:
+    """SQLite: :func:`herald.outbox.append` through an engine, as an application writes.
+
+    Each transaction is ``BEGIN IMMEDIATE``: it takes the file's one write lock
+    (other writers, the daemon's commits included, wait for it, up to the
+    engine's busy timeout), and the append writes the event's ``herald_log``
+    row too: on SQLite a committed event is ordered.
+    """
+    commits: list[Commit] = []
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            conn.rollback()
+
+        def commit_one(payload: dict[str, Any]) -> int:
+            with engine.begin() as conn:
+                return append(conn, TOPIC, payload)
+
+        _on_schedule(commit_one, rate, count, start_at, index, writers, commits)
+    except Exception as exc:
+        results.put(WriterResult(commits, repr(exc)))
+        return
+    finally:
+        engine.dispose()
     results.put(WriterResult(commits))
 
 
@@ -560,6 +627,7 @@ class LatencyRun:
     seconds: float
     warmup: float
     writers: int
+    backend: str = "postgresql"
     sent: int = 0
     measured: int = 0
     achieved_rate: float = 0.0
@@ -567,6 +635,10 @@ class LatencyRun:
     duplicates: int = 0
     #: commit → handler, seconds, measured events
     handler: list[float] = field(default_factory=list)
+    #: (time.time() the COMMIT returned, commit → handler) of each measured event handled
+    samples: list[tuple[float, float]] = field(default_factory=list)
+    #: time.time() at the end of the warm-up (the measured window's start)
+    started: float = 0.0
     #: commit → the first NOTIFY covering the event's seq
     notified: list[float] = field(default_factory=list)
     #: that NOTIFY → handler
@@ -612,6 +684,7 @@ class LatencyRun:
             sum(r.seconds for r in rounds),
             first.warmup,
             first.writers,
+            first.backend,
             log_before=first.log_before,
             settings=first.settings,
             rounds=list(rounds),
@@ -650,10 +723,13 @@ def run_writers(
     warmup: float,
     seconds: float,
     on_start: Callable[[], None] = lambda: None,
+    target: Callable[..., None] = latency_writer_main,
 ) -> list[Commit]:
     """``writers`` processes appending at ``rate`` from 3 s from now, by number.
 
-    ``on_start`` is called when the warm-up ends.
+    ``on_start`` is called when the warm-up ends. ``target`` is the writer
+    (:func:`latency_writer_main` with a psycopg conninfo as ``dsn``, or
+    :func:`sqlite_writer_main` with the database URL).
     """
     ctx = mp.get_context("spawn")
     results: Channel[WriterResult] = ctx.Queue()
@@ -661,7 +737,7 @@ def run_writers(
     start_at = time.monotonic() + 3.0  # the spawned writers import herald first
     processes = [
         ctx.Process(
-            target=latency_writer_main,
+            target=target,
             args=(dsn, rate, count, start_at, index, writers, results),
             name=f"bench-latency-writer-{index}",
             daemon=True,
@@ -699,14 +775,23 @@ def achieved(commits: Sequence[Commit], skip: int) -> float:
     return (len(measured) - 1) / (max(measured) - min(measured))
 
 
+def _writers_for(url: str, args: argparse.Namespace) -> tuple[str, Callable[..., None], int]:
+    """The latency writers of ``url``'s backend: (what they connect to, the writer, how many)."""
+    if make_url(url).get_backend_name() == "sqlite":
+        return url, sqlite_writer_main, args.sqlite_writers
+    return conninfo(make_url(url)), latency_writer_main, args.writers
+
+
 def writers_alone(url: str, rate: float, args: argparse.Namespace) -> float:
     """Events/s the writers achieve at ``rate`` with no daemon running (5 s at most)."""
+    where, target, writers = _writers_for(url, args)
     commits = run_writers(
-        conninfo(make_url(url)),
+        where,
         rate,
-        args.writers,
+        writers,
         args.latency_warmup,
         min(5.0, args.latency_seconds),
+        target=target,
     )
     # Order what they wrote now, so that the latency run's consumer starts after it.
     engine = create_engine(url)
@@ -779,9 +864,13 @@ def round_trip(dsn: str, count: int = 1000) -> float:
 
 
 def measure_latency(url: str, rate: float, seconds: float, args: argparse.Namespace) -> LatencyRun:
-    """A daemon with a recording handler here; writers and a LISTEN in other processes."""
-    result = LatencyRun(rate, seconds, args.latency_warmup, args.writers)
-    dsn = conninfo(make_url(url))
+    """A daemon with a recording handler here; writers and a LISTEN in other processes.
+
+    On SQLite there is nothing to LISTEN to: the consumer polls.
+    """
+    where, target, writers = _writers_for(url, args)
+    backend = make_url(url).get_backend_name()
+    result = LatencyRun(rate, seconds, args.latency_warmup, writers, backend)
     engine = create_engine(url)
     handled: list[tuple[int, int, float]] = []  # (position, seq, time.time())
 
@@ -820,19 +909,21 @@ def measure_latency(url: str, rate: float, seconds: float, args: argparse.Namesp
                 sa.text("INSERT INTO herald_consumers (name, offset_seq) VALUES (:n, :o)"),
                 {"n": consumer.name, "o": result.log_before},
             )
-        listener = Listener(dsn)
+        listener = Listener(where) if backend == "postgresql" else None
         try:
             daemon.start()
             if not daemon.ready.wait(30) or consumer.name not in daemon.running:
                 raise RuntimeError("the daemon did not claim its consumer")
-            commits = run_writers(dsn, rate, args.writers, args.latency_warmup, seconds, mark)
+            commits = run_writers(
+                where, rate, writers, args.latency_warmup, seconds, mark, target=target
+            )
             mark()
             deadline = time.monotonic() + 30
             while len(handled) < len(commits) and time.monotonic() < deadline:
                 time.sleep(0.05)
         finally:
             daemon.stop()
-            notes = listener.close()
+            notes = listener.close() if listener is not None else []
     finally:
         for left in watch:  # the run failed between the marks
             left.close()
@@ -842,6 +933,7 @@ def measure_latency(url: str, rate: float, seconds: float, args: argparse.Namesp
     result.daemon_cpu = 100 * (cpu1 - cpu0) / (t1 - t0)
     result.machine_busy = 100 * (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
     result.window = t1 - t0
+    result.started = wall0
     result.window_notifies = sum(1 for at, _ in notes if wall0 <= at <= wall1)
     result.round_trips = dict(trips.counts)
     result.batches = trips.commits["consumer"]
@@ -849,22 +941,31 @@ def measure_latency(url: str, rate: float, seconds: float, args: argparse.Namesp
     return result
 
 
-def _rounds_order(args: argparse.Namespace) -> list[float]:
+def _rounds_order(args: argparse.Namespace, rates: Sequence[float] | None = None) -> list[float]:
     """The rates in the order the rounds run them: 1000, 200, then 200, 1000, ..."""
+    rates = args.rates if rates is None else rates
     order: list[float] = []
     for number in range(args.rounds):
-        order += args.rates if number % 2 == 0 else reversed(args.rates)
+        order += rates if number % 2 == 0 else reversed(rates)
     return order
 
 
 def measure_latencies(
     url: str, args: argparse.Namespace, log: Callable[[str], None]
 ) -> list[LatencyRun]:
-    """Every rate in ``--rounds`` mirrored rounds, merged by rate."""
+    """Every rate in ``--rounds`` mirrored rounds, merged by rate.
+
+    The rates are ``--rates`` on PostgreSQL, ``--sqlite-rates`` on SQLite.
+    """
     seconds = args.latency_seconds / args.rounds
-    by_rate: dict[float, list[LatencyRun]] = {rate: [] for rate in args.rates}
-    for rate in _rounds_order(args):
-        log(f"latency: {rate:g} events/s, {args.latency_warmup:g} + {seconds:g} s")
+    sqlite = make_url(url).get_backend_name() == "sqlite"
+    rates = args.sqlite_rates if sqlite else args.rates
+    by_rate: dict[float, list[LatencyRun]] = {rate: [] for rate in rates}
+    for rate in _rounds_order(args, rates):
+        log(
+            f"latency{' (SQLite)' if sqlite else ''}: {rate:g} events/s, "
+            f"{args.latency_warmup:g} + {seconds:g} s"
+        )
         lat = measure_latency(url, rate, seconds, args)
         by_rate[rate].append(lat)
         log(
@@ -902,6 +1003,7 @@ def summarize(
             continue
         seq, at = by_position[commit.position]
         result.handler.append(at - commit.committed)
+        result.samples.append((commit.committed, at - commit.committed))
         i = bisect.bisect_left(payloads, seq)
         if i < len(notes):
             result.notified.append(notes[i][0] - commit.committed)
@@ -921,6 +1023,10 @@ class Report:
     alone: tuple[float, float] | None = None
     #: SELECT 1's round trip on this machine (p50, s), measured before the latency runs
     round_trip: float | None = None
+    #: the commit → handler runs on SQLite (B9: reported, no target)
+    sqlite_latencies: list[LatencyRun] = field(default_factory=list)
+    #: events/s the SQLite writers achieved with no daemon, at the highest SQLite rate
+    sqlite_alone: tuple[float, float] | None = None
     sqlite_version: str = sqlite3.sqlite_version
     sqlite_filesystem: str = "?"
     revision: str = "?"
@@ -1028,10 +1134,15 @@ _PATHS: Final = {
 
 def _with_rounds(lat: LatencyRun, path: str, values: Sequence[float], q: float) -> str:
     """The percentile over all rounds, then each round's in parentheses."""
+    return _by_round(lat, _PATHS[path], values, q)
+
+
+def _by_round(lat: LatencyRun, attribute: str, values: Sequence[float], q: float) -> str:
+    """``values``' percentile, then that of each round's ``attribute`` in parentheses."""
     whole = _ms(percentile(values, q))
     if len(lat.rounds) < 2:
         return whole
-    each = ", ".join(_ms(percentile(getattr(r, _PATHS[path]), q)) for r in lat.rounds)
+    each = ", ".join(_ms(percentile(getattr(r, attribute), q)) for r in lat.rounds)
     return f"{whole} ({each})"
 
 
@@ -1194,6 +1305,84 @@ def _trips(count: int, per: int) -> float:
     return count / per if per else 0.0
 
 
+SQLITE_LATENCY_HEADER: Final = [
+    "events/s asked (achieved)",
+    "events",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "max ms",
+    "missing",
+    "duplicates",
+]
+
+
+def sqlite_latency_rows(report: Report) -> list[list[str]]:
+    return [
+        [
+            f"{lat.rate:,.0f} ({lat.achieved_rate:,.0f})",
+            f"{len(lat.handler):,}",
+            f"**{_by_round(lat, 'handler', lat.handler, 0.5)}**",
+            _ms(percentile(lat.handler, 0.9)),
+            f"**{_by_round(lat, 'handler', lat.handler, 0.99)}**",
+            _ms(max(lat.handler)) if lat.handler else "-",
+            f"{lat.missing}",
+            f"{lat.duplicates}",
+        ]
+        for lat in report.sqlite_latencies
+    ]
+
+
+def sqlite_latency_notes(report: Report) -> list[str]:
+    notes = []
+    for lat in report.sqlite_latencies:
+        kept = "kept up with the rate (within 2 %" if lat.kept else "**fell behind** (by over 2 %"
+        notes.append(
+            f"{lat.rate:,.0f} events/s asked: {lat.achieved_rate:,.0f} achieved over the "
+            f"{lat.measured:,} measured events; the {lat.writers} writer(s) {kept}; a COMMIT "
+            f"returned p50 {_ms(percentile(lat.lateness, 0.5))} ms, p99 "
+            f"{_ms(percentile(lat.lateness, 0.99))} ms after the event's due time). "
+            f"{lat.missing} missing, {lat.duplicates} duplicate(s) at the handler. The machine "
+            f"was {lat.machine_busy:.0f} % busy (both cores, `/proc/stat`), the daemon's "
+            f"process used {lat.daemon_cpu:.0f} % of one core." + _others(lat.others)
+        )
+    if report.sqlite_alone is not None:
+        rate, alone = report.sqlite_alone
+        notes.append(
+            f"The same writer(s) with no daemon running achieved {alone:,.0f} of {rate:,.0f} "
+            f"events/s for {min(5.0, report.args.latency_seconds):g} s."
+        )
+    return notes
+
+
+def sqlite_latency_text(report: Report) -> str:
+    """What the SQLite latency run does (B9's part of B5)."""
+    args = report.args
+    first = report.sqlite_latencies[0]
+    poll = float(first.settings.get("poll_interval", 0.1))
+    order = ", ".join(f"{r:g}" for r in _rounds_order(args, args.sqlite_rates))
+    return (
+        "**Commit → handler latency on SQLite (B9: SQLite, report only; no target).** The "
+        "same measurement on the SQLite file of the throughput run, afterwards: "
+        f"{first.writers} writer process(es) share one schedule, one `build_finished` per "
+        "transaction (`herald.outbox.append` in `with engine.begin()` on an engine from "
+        "`herald.config.create_engine`: `BEGIN IMMEDIATE`, so each takes the file's one "
+        "write lock, and the append writes the event's `herald_log` row in the same "
+        f"transaction), {args.latency_seconds:g} s measured per rate in {args.rounds} "
+        f"mirrored round(s) ({order}), each after {args.latency_warmup:g} s of warm-up and "
+        "with a fresh daemon and consumer; the `Daemon` (`herald run`'s defaults) and its "
+        "consumer (`Consumer`'s defaults) run in the benchmark's process. There is no "
+        "sequencer and no NOTIFY on SQLite: the consumer polls the log every "
+        f"{poll:g} s (the daemon's poll interval on SQLite). herald's engine begins every "
+        "SQLite transaction with `BEGIN IMMEDIATE`, the consumer's reads and its commits of "
+        "delivery records and offset too, so the writers and the daemon take turns for the "
+        "one write lock, and whoever finds it taken sleeps in SQLite's busy handler (1 ms, "
+        "growing to 100 ms a try) until it is free. Latency = handler time − commit time "
+        "(one clock). The p50 and p99 cells give the figure over all rounds, then each "
+        "round's in parentheses."
+    )
+
+
 def markdown(report: Report) -> str:
     m, args = report.machine, report.args
     dated = (
@@ -1231,14 +1420,17 @@ def markdown(report: Report) -> str:
     reproduce = (
         "**Reproduce.** `.venv/bin/python -m bench.consumers` (options: `--events`, "
         "`--sqlite-events`, `--batch-size`, `--prefill-chunk`, `--rates`, `--rounds`, `--writers`, "
-        "`--latency-seconds`, `--latency-warmup`, `--backends`, `--quick`, `--help`; the "
+        "`--latency-seconds`, `--latency-warmup`, `--sqlite-rates`, `--sqlite-writers`, "
+        "`--backends`, `--samples`, `--quick`, `--help`; the "
         f"PostgreSQL server from `{URL_SETTING}`, default `{DEFAULT_URL}`). This run: "
         f"`--events {args.events} --sqlite-events {args.sqlite_events} --batch-size "
         f"{args.batch_size} --prefill-chunk {args.prefill_chunk} --rates "
         f"{' '.join(f'{r:g}' for r in args.rates)} --rounds {args.rounds} --writers "
         f"{args.writers} "
         f"--latency-seconds {args.latency_seconds:g} --latency-warmup "
-        f"{args.latency_warmup:g} --backends {' '.join(args.backends)}`."
+        f"{args.latency_warmup:g} --sqlite-rates "
+        f"{' '.join(f'{r:g}' for r in args.sqlite_rates)} --sqlite-writers "
+        f"{args.sqlite_writers} --backends {' '.join(args.backends)}`."
     )
     throughput = (
         "**No-op consumer throughput.** `build_finished` events (at_least_once) are "
@@ -1300,6 +1492,15 @@ def markdown(report: Report) -> str:
             latency_reading(report),
             "",
         ]
+    if report.sqlite_latencies:
+        lines += [
+            sqlite_latency_text(report),
+            "",
+            md_table(SQLITE_LATENCY_HEADER, sqlite_latency_rows(report)),
+            "",
+            *(f"- {note}" for note in sqlite_latency_notes(report)),
+            "",
+        ]
     lines.append(END_MARK)
     return "\n".join(lines) + "\n"
 
@@ -1333,6 +1534,60 @@ def print_report(report: Report) -> None:
         for note in latency_notes(report):
             print(f"- {note.replace('**', '')}")
         print(latency_reading(report).replace("**", ""))
+    if report.sqlite_latencies:
+        print()
+        print("B9 — commit → handler latency on SQLite (report only)")
+        print(text_table(SQLITE_LATENCY_HEADER, _plain(sqlite_latency_rows(report))))
+        for note in sqlite_latency_notes(report):
+            print(f"- {note.replace('**', '')}")
+
+
+def samples_record(report: Report) -> dict[str, Any]:
+    """Every latency round's per-event samples, for ``bench.plot`` (B5 and B9)."""
+    args = report.args
+    runs = []
+    for lat in report.latencies + report.sqlite_latencies:
+        for number, one in enumerate(lat.rounds or [lat], 1):
+            runs.append(
+                {
+                    "backend": one.backend,
+                    "rate": one.rate,
+                    "round": number,
+                    "writers": one.writers,
+                    "seconds": one.seconds,
+                    # the measured window (s: the warm-up's end until every writer is done)
+                    "window": one.window,
+                    "achieved_rate": one.achieved_rate,
+                    "sent": one.sent,
+                    "measured": one.measured,
+                    "missing": one.missing,
+                    "duplicates": one.duplicates,
+                    # [s from the measured window's start to the COMMIT, commit → handler s]
+                    "samples": [
+                        [round(at - one.started, 4), round(latency, 6)]
+                        for at, latency in one.samples
+                    ],
+                }
+            )
+    return {
+        "benchmark": "B5",
+        "script": "bench/consumers.py",
+        "measures": "commit → handler latency, seconds",
+        "machine": machine_facts(report.machine) | {"sqlite": report.sqlite_version},
+        "parameters": {
+            "rates": args.rates,
+            "sqlite_rates": args.sqlite_rates,
+            "rounds": args.rounds,
+            "writers": args.writers,
+            "sqlite_writers": args.sqlite_writers,
+            "latency_seconds": args.latency_seconds,
+            "latency_warmup": args.latency_warmup,
+            "backends": args.backends,
+            "quick": args.quick,
+        },
+        "targets": {"p50": 0.010, "p99": 0.050},
+        "runs": runs,
+    }
 
 
 # -- main -------------------------------------------------------------------------------
@@ -1401,12 +1656,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="latency runs: seconds of warm-up, not counted (default: 2)",
     )
     parser.add_argument(
+        "--sqlite-rates",
+        type=float,
+        nargs="+",
+        default=[1000.0, 200.0],
+        metavar="N",
+        help="latency runs on SQLite: events/s, one run each (default: 1000 200)",
+    )
+    parser.add_argument(
+        "--sqlite-writers",
+        type=int,
+        default=1,
+        help="latency runs on SQLite: writer processes sharing the schedule (default: 1)",
+    )
+    parser.add_argument(
         "--backends",
         nargs="+",
         choices=("postgresql", "sqlite"),
         default=["postgresql", "sqlite"],
-        help="throughput on these databases (default: postgresql sqlite); the latency runs "
-        "are on PostgreSQL, when it is listed",
+        help="run on these databases (default: postgresql sqlite): throughput and latency on each",
+    )
+    parser.add_argument(
+        "--samples",
+        type=Path,
+        default=SAMPLES,
+        help="where the latency runs' per-event samples go, as b5.json, for "
+        "`python -m bench.plot` (default: bench/samples, git-ignored)",
     )
     parser.add_argument(
         "--database-url",
@@ -1448,8 +1723,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.write = not args.quick
     if min(args.events, args.sqlite_events, args.batch_size, args.prefill_chunk) < 1:
         parser.error("--events, --sqlite-events, --batch-size, --prefill-chunk: at least 1")
-    if min(args.rates) <= 0 or args.latency_seconds <= 0 or min(args.writers, args.rounds) < 1:
-        parser.error("--rates, --latency-seconds, --writers and --rounds must be positive")
+    if (
+        min(*args.rates, *args.sqlite_rates) <= 0
+        or args.latency_seconds <= 0
+        or min(args.writers, args.sqlite_writers, args.rounds) < 1
+    ):
+        parser.error(
+            "--rates, --sqlite-rates, --latency-seconds, --writers, --sqlite-writers and "
+            "--rounds must be positive"
+        )
     if args.latency_warmup < 0:
         parser.error("--latency-warmup must not be negative")
     args.backends = list(dict.fromkeys(args.backends))
@@ -1475,6 +1757,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     machine = describe_machine(admin, args.database) if use_pg else host_machine()
     runs: list[ThroughputRun] = []
     latencies: list[LatencyRun] = []
+    sqlite_latencies: list[LatencyRun] = []
+    sqlite_alone: tuple[float, float] | None = None
     alone: tuple[float, float] | None = None
     trip: float | None = None
     sqlite_filesystem = "?"
@@ -1495,7 +1779,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 sqlite_filesystem = f"{filesystem_of(path.parent)}, `{path.parent.parent}`"
                 log(f"SQLite: {path}")
                 runs.append(measure_throughput(backend, url, args.sqlite_events, args, log))
+                top = max(args.sqlite_rates)
+                sqlite_alone = (top, writers_alone(url, top, args))
+                log(f"SQLite writers alone at {top:g} events/s: {sqlite_alone[1]:,.0f} achieved")
+                sqlite_latencies = measure_latencies(url, args, log)
     report = Report(args, machine, runs, latencies, alone, trip, revision=revision)
+    report.sqlite_latencies, report.sqlite_alone = sqlite_latencies, sqlite_alone
     report.sqlite_filesystem = sqlite_filesystem
     report.digests = (digest, source_digest())
     if report.digests[0] != report.digests[1]:
@@ -1505,11 +1794,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         report.other_sessions_after = describe_machine(admin, args.database).other_sessions
     report.elapsed = time.monotonic() - began
     disturbed = [r.backend for r in runs if r.others.get("other", 0.0) >= DISTURBED] + [
-        f"{lat.rate:g}/s" for lat in latencies if lat.others.get("other", 0.0) >= DISTURBED
+        f"{'SQLite ' if lat.backend == 'sqlite' else ''}{lat.rate:g}/s"
+        for lat in latencies + sqlite_latencies
+        if lat.others.get("other", 0.0) >= DISTURBED
     ]
     if disturbed:
         log(f"WARNING: other processes used the machine during: {', '.join(disturbed)}")
     print_report(report)
+    if latencies or sqlite_latencies:
+        log(f"\nwrote {write_samples(args.samples, 'b5.json', samples_record(report))}")
     if args.write:
         write_markdown(args.output, markdown(report))
         log(f"\nwrote {args.output}")
