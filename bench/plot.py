@@ -223,8 +223,7 @@ def draw_b5(ax: Axes, data: dict[str, Any] | None) -> str:
         fontsize=8,
         color="tab:red",
     )
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(_ms_formatter())
+    _log_ms(ax, subs=(1.0, 2.0, 5.0))
     ax.set_xlim(left=0)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -239,7 +238,7 @@ def draw_b5(ax: Axes, data: dict[str, Any] | None) -> str:
     rounds = params["rounds"]
     seconds = params["latency_seconds"]
     return (
-        f"B5 from `bench.consumers` on {_stamp(data)}, {seconds:g} s measured per rate "
+        f"B5, `bench.consumers` on {_stamp(data)}: {seconds:g} s measured per rate "
         f"({', '.join(f'{r:,.0f}' for r in rates)} events/s) in {rounds} round(s)"
         + (" (a `--quick` run)" if params.get("quick") else "")
     )
@@ -273,8 +272,7 @@ def draw_b6(ax: Axes, data: dict[str, Any] | None) -> str:
         fontsize=8,
         color="tab:red",
     )
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(_ms_formatter(seconds=True))
+    _log_ms(ax, seconds=True)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     params = data["parameters"]
@@ -284,15 +282,20 @@ def draw_b6(ax: Axes, data: dict[str, Any] | None) -> str:
         fontsize=10,
     )
     return (
-        f"B6 from `bench.long_transaction` on {_stamp(data)}, the transaction held "
-        f"{params['hold']:g} s"
+        f"B6, `bench.long_transaction` on {_stamp(data)}: the transaction held "
+        f"{params['hold']:g} s, {params['rate']:g} events/s around it"
     )
 
 
-def _ms_formatter(*, seconds: bool = False) -> Any:
-    """Tick labels in ms (and s from 1 s up); ``seconds``: the values are seconds."""
+def _log_ms(ax: Axes, *, seconds: bool = False, subs: Sequence[float] = (1.0,)) -> None:
+    """A log-scale y axis labelled in ms (and s from 1 s up), ticks at ``subs`` × 10ⁿ;
+    ``seconds``: the values are seconds."""
     # The bench extra (see Axes above), imported only to draw.
-    from matplotlib.ticker import FuncFormatter  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+    from matplotlib.ticker import (  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+        FuncFormatter,
+        LogLocator,
+        NullFormatter,
+    )
 
     def label(value: float, _pos: int | None) -> str:
         ms = value * 1000 if seconds else value
@@ -300,7 +303,11 @@ def _ms_formatter(*, seconds: bool = False) -> Any:
             return f"{ms / 1000:g} s"
         return f"{ms:g} ms"
 
-    return FuncFormatter(label)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.yaxis.set_major_formatter(FuncFormatter(label))
+    # Unlabelled: on a short range matplotlib would label them as 6×10¹.
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _machine(b5: dict[str, Any] | None, b6: dict[str, Any] | None) -> str:
@@ -327,7 +334,7 @@ def draw(b5: dict[str, Any] | None, b6: dict[str, Any] | None, output: Path) -> 
         fontsize=12,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=100)
+    figure.savefig(output, dpi=100, pil_kwargs={"optimize": True})
     return said
 
 
@@ -343,17 +350,23 @@ def markdown(said: Sequence[str], image: str) -> str:
 and the xid horizon's p50 and p99 per second while one transaction stays open]({image})
 
 **What it shows.** Each line is a percentile of the events that committed in one 1-second
-window. Top (B5): commit → handler latency on PostgreSQL at each rate `bench.consumers`
-measured, its rounds end to end (grey lines between them), against the targets p50 ≤ 10 ms
-and p99 ≤ 50 ms: a line's spikes are the moments the figures of the B3/B5 section are made
-of. Bottom (B6): the latency of the other events around the transaction that
+window, so it shows when the slow events of the tables happened, not only how slow they
+were. Top (B5): commit → handler latency on PostgreSQL at each rate `bench.consumers`
+measured, its rounds end to end (grey lines where the next begins), against the targets
+p50 ≤ 10 ms and p99 ≤ 50 ms; the legend gives the rate the writers achieved beside the
+daemon (the SQLite runs of B9 are in the samples too, not drawn: their table is in the B3
+section). Bottom (B6): the latency of the other events around the transaction that
 `bench.long_transaction` holds open (shaded), herald's reader against the xid horizon, on a
 log scale: the horizon's latency falls from the whole hold to nothing as the events it
-holds back get closer to the transaction's end, while herald's stays in milliseconds. Drawn
-from {"; ".join(said)}. **Reproduce.** `make bench`, or `.venv/bin/python -m bench.consumers`
-and `.venv/bin/python -m bench.long_transaction` (each keeps its per-event samples in
-`bench/samples/`, git-ignored), then `.venv/bin/python -m bench.plot` (matplotlib, the
-`bench` extra: `.venv/bin/pip install -e '.[dev,bench]'`).
+holds back commit closer to the transaction's end, while herald's stays in milliseconds.
+The horizon is the whole server's: a transaction open in any database holds it back.
+Drawn from: {"; ".join(said)}.
+
+**Reproduce.** `make bench`, or `.venv/bin/python -m bench.consumers` and
+`.venv/bin/python -m bench.long_transaction` (each keeps its per-event samples in
+`bench/samples/`, git-ignored), then `.venv/bin/python -m bench.plot` (`--samples`,
+`--output`, `--markdown`; it needs matplotlib, the `bench` extra:
+`.venv/bin/pip install -e '.[dev,bench]'`).
 
 {END_MARK}
 """
