@@ -1,26 +1,48 @@
-"""B1: append throughput and insert → reader latency on PostgreSQL (issue #2).
+"""B1 and B9: append throughput, and insert → reader latency (issues #2 and #6).
 
-Run with ``make bench`` or ``.venv/bin/python -m bench.append_throughput``.
+Run with ``make bench`` or ``.venv/bin/python -m bench.append_throughput``
+(``--help`` for the options; ``--seconds 2 --warmup 0.2 --rounds 1
+--latency-seconds 2 --markdown /tmp/b1.md`` for a quick run).
 
-The script creates a scratch database (``herald_bench``, dropped first),
-migrates it as ``herald db upgrade`` does, and measures in one run:
+The script creates a scratch PostgreSQL database (``herald_bench_append``,
+dropped first and at the end), migrates it as ``herald db upgrade`` does, and
+measures in one run:
 
-1. **Append transactions/s**, with 1 and 8 concurrent writers. A transaction
-   is one ``UPDATE bench_builds`` of a random row the writer owns plus one
-   ``build_finished`` event, committed. Four variants do the same SQL work:
+1. **B1, append transactions/s on PostgreSQL**, with 1 and 8 concurrent
+   writers. A transaction is one ``UPDATE bench_builds`` of a random row the
+   writer owns plus one event (``build_finished`` in herald's log), committed.
+   Five variants do the same work:
 
    * ``raw``: plain psycopg 3, no SQLAlchemy, no herald: ``UPDATE``, then
      ``INSERT INTO herald_events ... RETURNING position``, commit;
    * ``herald (psycopg)``: the same psycopg connection: ``UPDATE`` through a
      cursor, then :func:`herald.outbox.append` on the psycopg connection,
      commit. Same driver as ``raw``, so herald/raw is herald's own cost: this
-     is the issue's target (herald ≥ 0.8× raw at 8 writers);
+     is the issue's first target (herald ≥ 0.8× raw at 8 writers);
    * ``sqlalchemy (no herald)``: an engine from
      :func:`herald.config.create_engine`, ``with engine.begin()``: the
      ``UPDATE`` as ``text()``, then raw's ``INSERT`` through
      ``exec_driver_sql``;
    * ``herald (sqlalchemy)``: the same engine, ``with engine.begin()``: the
-     ``UPDATE`` as ``text()``, then :func:`herald.outbox.append`.
+     ``UPDATE`` as ``text()``, then :func:`herald.outbox.append`;
+   * ``eventsourcing``: the eventsourcing library (9.5) as its users configure
+     it for PostgreSQL (``PERSISTENCE_MODULE=eventsourcing.postgres``,
+     ``POSTGRES_DBNAME``, ..., ``POSTGRES_SCHEMA=bench_es``, a pool of one
+     connection per writer): an ``Application`` whose stock
+     ``PostgresApplicationRecorder`` created its own table
+     (``bench_es.benchbuilds_events``) in the scratch database. Each writer
+     owns its own aggregates, one per build row, created before the run;
+     a transaction is one command on one of them (one ``Finished`` event)
+     and ``app.save(aggregate, build_update=...)``. The recorder takes
+     ``LOCK TABLE ... IN EXCLUSIVE MODE`` and sends a ``NOTIFY`` in every
+     transaction, as shipped. The ``UPDATE`` runs in the same transaction
+     through the hook the library gives for that (``_insert_events``, where
+     its own process recorder writes its tracking row), in a recorder
+     subclass chosen with the library's ``APPLICATION_RECORDER_TOPIC``
+     setting; nothing of the library is patched. herald (psycopg) /
+     eventsourcing is the issue's second target (≥ 3× at 8 writers). After
+     the run the rows in the library's table are counted against the
+     transactions the writers committed.
 
    The SQLAlchemy variants both pay SQLAlchemy's own per-transaction cost,
    with or without herald, so herald's cost on SQLAlchemy is
@@ -30,20 +52,41 @@ migrates it as ``herald db upgrade`` does, and measures in one run:
    GIL does not tax the variants that spend more time in Python; the largest
    writer count is run with threads too, in one round (``--thread-check``).
    Each writer count runs the variants in ``--rounds`` mirrored rounds (A B C
-   D D C B A), each segment measured for ``--seconds / (2 × rounds)`` after
-   ``--warmup`` seconds, so that drift and the other users of the machine hit
-   every variant alike. No sequencer runs during this part: it measures the
-   write path alone.
+   D E E D C B A), each segment measured for ``--seconds / (2 × rounds)``
+   after ``--warmup`` seconds, so that drift and the other users of the
+   machine hit every variant alike. No sequencer runs during this part: it
+   measures the write path alone.
 
-2. **Insert → reader latency**: ``herald run`` (the sequencer daemon) in a
+2. **B9, the same on the SQLite default** (``--sqlite``): a migrated SQLite
+   file in a temporary directory (``--sqlite-dir``), written through
+   ``herald.config.create_engine("sqlite:///...")`` (WAL, ``synchronous=FULL``,
+   ``BEGIN IMMEDIATE``), by 1 and 8 writer processes (``--sqlite-writers``):
+
+   * ``raw (sqlite3)``: the stdlib ``sqlite3`` module with the engine's
+     pragmas, sending the statements herald's append sends on SQLite
+     (``BEGIN IMMEDIATE``, the ``UPDATE``, the next position, the ``INSERT``
+     into ``herald_events``, the ``INSERT`` into ``herald_log``: on SQLite the
+     writer orders its own events), then ``COMMIT``;
+   * ``sqlalchemy (no herald)``: the engine, ``with engine.begin()``: the same
+     statements through ``exec_driver_sql``;
+   * ``herald (sqlalchemy)``: the engine, ``with engine.begin()``: the
+     ``UPDATE``, then :func:`herald.outbox.append`.
+
+   SQLite has one writer at a time: with 8 writers the others wait for the
+   write lock in the driver's busy handler (it sleeps and retries; no queue),
+   which the report shows as it is, with the measured transactions per
+   writer. No target: a report.
+
+3. **Insert → reader latency**: ``herald run`` (the sequencer daemon) in a
    subprocess, one writer process appending ``--rate`` events/s, one event per
    transaction, and a :class:`herald.outbox.LogReader` following the log in
    this process. Latency = the time the reader gets the entry minus the time
    the writer's ``COMMIT`` returned (one clock: same machine).
 
-It prints a table, rewrites its own section of ``BENCHMARKS.md`` (between
-the ``bench.append_throughput`` markers; the rest of the file is kept) and
-drops the scratch database.
+It prints the tables and verdicts, rewrites its own section of
+``BENCHMARKS.md`` (between the ``bench.append_throughput`` markers; the rest
+of the file is kept; ``--markdown`` names another file, ``--no-write`` none)
+and drops the scratch database.
 """
 
 from __future__ import annotations
@@ -51,6 +94,8 @@ from __future__ import annotations
 import argparse
 import bisect
 import hashlib
+import importlib.metadata
+import json
 import logging
 import math
 import multiprocessing as mp
@@ -60,6 +105,7 @@ import queue
 import random
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -71,13 +117,21 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
+from uuid import UUID
 
 import psycopg
 import sqlalchemy as sa
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate, event
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.utils import get_topic
+from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 from sqlalchemy.engine import URL, make_url
 
 import herald
+from bench.common import filesystem_of
 from herald.config import create_engine
 from herald.outbox import LogReader, append, head, sync_catalogue
 from herald.schema import SEQUENCER_LOCK_KEY, migrate
@@ -91,6 +145,8 @@ HERALD_DIR: Final = Path(herald.__file__).resolve().parent
 BEGIN_MARK: Final = "<!-- bench.append_throughput: begin (generated; rerun to refresh) -->"
 END_MARK: Final = "<!-- bench.append_throughput: end -->"
 TARGET_RATIO: Final = 0.8
+#: herald (psycopg) / eventsourcing at the largest writer count, at least
+ES_TARGET_RATIO: Final = 3.0
 #: the figures the design (ARCHITECTURE.md) quotes for the prototype, for comparison
 PROTOTYPE_P50_MS: Final = 7.0
 PROTOTYPE_P99_MS: Final = 18.0
@@ -104,20 +160,61 @@ SA_UPDATE: Final = sa.text(
     "UPDATE bench_builds SET status = :status, stoptime = :stoptime WHERE id = :id"
 )
 
-#: the variants, in the order a round runs them (then the reverse)
-VARIANTS: Final = ("raw", "herald_psycopg", "sqlalchemy", "herald_sqlalchemy")
+# What herald's append sends on SQLite for one event (herald/outbox/append.py:
+# _insert_sqlite, then _order_on_sqlite), for the B9 variants without herald.
+SQLITE_UPDATE: Final = "UPDATE bench_builds SET status = ?, stoptime = ? WHERE id = ?"
+SQLITE_LAST_POSITION: Final = (
+    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'herald_events'), 0),"
+    " coalesce((SELECT max(position) FROM herald_events), 0))"
+)
+SQLITE_INSERT: Final = (
+    "INSERT INTO herald_events (position, topic, payload, delivery, dedupe_key, aggregate_id, "
+    "aggregate_version, trace_id, occurred_at, recorded_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+SQLITE_ORDER: Final = (
+    "INSERT INTO herald_log (seq, position) "
+    "SELECT (SELECT coalesce(max(seq), 0) FROM herald_log) "
+    "+ row_number() OVER (ORDER BY position), position "
+    "FROM herald_events WHERE position >= ?"
+)
+#: the connection settings of herald's SQLite engine (herald.config.create_engine)
+SQLITE_PRAGMAS: Final = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+)
+
+#: the variants on PostgreSQL, in the order a round runs them (then the reverse)
+VARIANTS: Final = ("raw", "herald_psycopg", "sqlalchemy", "herald_sqlalchemy", "eventsourcing")
+#: the variants on SQLite (B9)
+SQLITE_VARIANTS: Final = ("sqlite_raw", "sqlite_sqlalchemy", "sqlite_herald")
 LABELS: Final = {
     "raw": "raw",
     "herald_psycopg": "herald (psycopg)",
     "sqlalchemy": "sqlalchemy (no herald)",
     "herald_sqlalchemy": "herald (sqlalchemy)",
+    "eventsourcing": "eventsourcing",
+    "sqlite_raw": "raw (sqlite3)",
+    "sqlite_sqlalchemy": "sqlalchemy (no herald)",
+    "sqlite_herald": "herald (sqlalchemy)",
 }
-#: (numerator, denominator) of the ratios reported; the first is the target's
+#: (numerator, denominator) of the ratios reported; the first two are the targets'
 RATIOS: Final = (
     ("herald_psycopg", "raw"),
+    ("herald_psycopg", "eventsourcing"),
     ("herald_sqlalchemy", "sqlalchemy"),
     ("herald_sqlalchemy", "raw"),
 )
+SQLITE_RATIOS: Final = (
+    ("sqlite_herald", "sqlite_raw"),
+    ("sqlite_herald", "sqlite_sqlalchemy"),
+    ("sqlite_sqlalchemy", "sqlite_raw"),
+)
+
+#: where the eventsourcing variant's tables live, away from herald's
+ES_SCHEMA: Final = "bench_es"
+ES_VERSION: Final = importlib.metadata.version("eventsourcing")
 
 #: the variant of the message a writer sends once it is connected
 READY: Final = "ready"
@@ -131,6 +228,113 @@ class Channel(Protocol[T]):
     def put(self, item: T, /) -> None: ...
 
     def get(self, block: bool = True, timeout: float | None = None) -> T: ...
+
+
+# -- the eventsourcing variant ---------------------------------------------------
+
+
+class BenchBuild(Aggregate):
+    """A build as an eventsourcing aggregate: created once, then one ``Finished``
+    event per transaction of the eventsourcing variant."""
+
+    def __init__(self, build_id: int) -> None:
+        self.build_id = build_id
+        self.status: int | None = None
+        self.stoptime: int | None = None
+
+    @event("Finished")
+    def finish(self, status: int, stoptime: int) -> None:
+        self.status = status
+        self.stoptime = stoptime
+
+
+class BuildUpdatingRecorder(PostgresApplicationRecorder):
+    """eventsourcing's stock PostgreSQL application recorder, plus the build update.
+
+    ``_insert_events`` is the library's hook for writes that must share the
+    events' transaction (its own ``PostgresProcessRecorder`` writes its
+    tracking row there); ``Application.save(..., **kwargs)`` hands its keyword
+    arguments down to it. Everything else, the ``LOCK TABLE ... IN EXCLUSIVE
+    MODE`` and the ``NOTIFY`` included, is the library's own code.
+    """
+
+    def _insert_events(
+        self, curs: psycopg.Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> None:
+        update = kwargs.get("build_update")
+        if update is not None:
+            curs.execute(RAW_UPDATE, update)
+        super()._insert_events(curs, stored_events, **kwargs)
+
+
+class BenchBuilds(Application[UUID]):
+    """The eventsourcing application the variant saves through (its table:
+    ``bench_es.benchbuilds_events``)."""
+
+    name = "BenchBuilds"
+
+
+ES_TABLE: Final = f"{ES_SCHEMA}.{BenchBuilds.name.lower()}_events"
+
+
+def eventsourcing_env(url: URL, *, create_table: bool) -> dict[str, str]:
+    """The library's settings for ``url``'s database: one pooled connection, our schema."""
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": url.database or "",
+        "POSTGRES_HOST": url.host or "localhost",
+        "POSTGRES_PORT": str(url.port or 5432),
+        "POSTGRES_USER": url.username or "postgres",
+        "POSTGRES_PASSWORD": url.password or "",
+        "POSTGRES_SCHEMA": ES_SCHEMA,
+        # one connection per writer, like the other variants
+        "POSTGRES_POOL_SIZE": "1",
+        "POSTGRES_MAX_OVERFLOW": "0",
+        # the class as this process knows it (``__main__`` or ``__mp_main__`` when run
+        # with -m): the topic resolves to the module already imported
+        "APPLICATION_RECORDER_TOPIC": get_topic(BuildUpdatingRecorder),
+        "CREATE_TABLE": "y" if create_table else "n",
+    }
+
+
+def create_eventsourcing_tables(url: URL) -> None:
+    """The schema, then the library's own tables, types and function in it."""
+    with psycopg.connect(conninfo(url), autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ES_SCHEMA}")
+    app = BenchBuilds(env=eventsourcing_env(url, create_table=True))
+    app.close()
+
+
+@dataclass(frozen=True, slots=True)
+class EventsourcingCheck:
+    """What the library's table holds after the run, against what the writers committed."""
+
+    rows: int
+    max_notification_id: int
+    created: int
+    committed: int
+
+    @property
+    def ok(self) -> bool:
+        return self.rows == self.created + self.committed
+
+    def sentence(self) -> str:
+        verdict = "they match" if self.ok else "**they do not match**"
+        return (
+            f"Rows check: `{ES_TABLE}` holds {self.rows:,} rows (notification ids up to "
+            f"{self.max_notification_id:,}); the writers created {self.created:,} aggregates "
+            f"(one event each) and committed {self.committed:,} eventsourcing transactions "
+            f"(warm-ups included): {self.created + self.committed:,} events expected, {verdict}."
+        )
+
+
+def check_eventsourcing(url: URL, created: int, committed: int) -> EventsourcingCheck:
+    with psycopg.connect(conninfo(url)) as conn:
+        row = conn.execute(
+            f"SELECT count(*), coalesce(max(notification_id), 0) FROM {ES_TABLE}"
+        ).fetchone()
+    rows, top = (int(row[0]), int(row[1])) if row else (0, 0)
+    return EventsourcingCheck(rows, top, created, committed)
 
 
 # -- the writers ---------------------------------------------------------------
@@ -161,6 +365,11 @@ class SegmentResult:
     #: CPU seconds this writer's thread spent in the measured window
     cpu: float
     error: str | None = None
+    #: every transaction committed in the segment, warm-up included (in the READY
+    #: message: the eventsourcing aggregates the writer created)
+    committed: int = 0
+    #: seconds, the longest transaction of the segment, warm-up included
+    longest: float = 0.0
 
 
 def _raw_insert_params(build_id: int) -> tuple[Any, ...]:
@@ -173,9 +382,11 @@ def _raw_insert_params(build_id: int) -> tuple[Any, ...]:
 
 
 class Writer:
-    """One writer's two connections: plain psycopg and an engine from herald's config."""
+    """One writer's connections: plain psycopg, an engine from herald's config, and
+    (``eventsourcing_rows``) an eventsourcing application with one aggregate per build
+    row, created here in one transaction."""
 
-    def __init__(self, conninfo: str, url: str) -> None:
+    def __init__(self, conninfo: str, url: str, *, eventsourcing_rows: int = 0) -> None:
         self.raw = psycopg.connect(conninfo)
         self.cursor = self.raw.cursor()
         self.engine = create_engine(url)
@@ -185,6 +396,14 @@ class Writer:
             "sqlalchemy": self.sqlalchemy_transaction,
             "herald_sqlalchemy": self.herald_sqlalchemy_transaction,
         }
+        self.app: BenchBuilds | None = None
+        self.aggregates: dict[int, BenchBuild] = {}
+        if eventsourcing_rows:
+            self.app = BenchBuilds(env=eventsourcing_env(make_url(url), create_table=False))
+            # This writer's own aggregates (new UUIDs): no two writers share one.
+            self.aggregates = {i: BenchBuild(i) for i in range(1, eventsourcing_rows + 1)}
+            self.app.save(*self.aggregates.values())
+            self.transactions["eventsourcing"] = self.eventsourcing_transaction
 
     def raw_transaction(self, build_id: int, status: int) -> None:
         self.cursor.execute(RAW_UPDATE, (status, int(time.time()), build_id))
@@ -211,18 +430,93 @@ class Writer:
             )
             append(conn, "build_finished", {"build_id": build_id, "dependent_ids": []})
 
+    def eventsourcing_transaction(self, build_id: int, status: int) -> None:
+        assert self.app is not None
+        build = self.aggregates[build_id]
+        stoptime = int(time.time())
+        build.finish(status, stoptime)  # one pending event
+        # one transaction: the UPDATE, the library's lock, NOTIFY and INSERT, commit
+        self.app.save(build, build_update=(status, stoptime, build_id))
+
     def close(self) -> None:
         self.cursor.close()
         self.raw.close()
         self.engine.dispose()
+        if self.app is not None:
+            self.app.close()
 
 
-def run_segment(writer: Writer, index: int, rows: int, segment: Segment) -> SegmentResult:
+def _sqlite_insert_params(position: int, build_id: int) -> tuple[Any, ...]:
+    # herald's engine stores datetimes as SQLAlchemy's SQLite DateTime does: UTC text
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    payload = json.dumps({"build_id": build_id, "dependent_ids": []})
+    return (position, "build_finished", payload, "at_least_once", None, None, None, None, now, now)
+
+
+class SqliteWriter:
+    """One writer on the SQLite file (B9): the stdlib's sqlite3 alone, with the settings
+    of herald's engine, and an engine from herald's config."""
+
+    def __init__(self, path: str, url: str) -> None:
+        # isolation_level=None: the transactions below say BEGIN IMMEDIATE themselves,
+        # as herald's engine does; timeout: the engine's busy timeout
+        self.raw = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        for pragma in SQLITE_PRAGMAS:
+            self.raw.execute(pragma)
+        self.engine = create_engine(url)
+        self.transactions: dict[str, Callable[[int, int], None]] = {
+            "sqlite_raw": self.raw_transaction,
+            "sqlite_sqlalchemy": self.sqlalchemy_transaction,
+            "sqlite_herald": self.herald_transaction,
+        }
+
+    def raw_transaction(self, build_id: int, status: int) -> None:
+        conn = self.raw
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(SQLITE_UPDATE, (status, int(time.time()), build_id))
+            position = int(conn.execute(SQLITE_LAST_POSITION).fetchone()[0]) + 1
+            conn.execute(SQLITE_INSERT, _sqlite_insert_params(position, build_id))
+            conn.execute(SQLITE_ORDER, (position,))
+            conn.execute("COMMIT")
+        except BaseException:
+            # an open write transaction would hold the file's write lock
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def sqlalchemy_transaction(self, build_id: int, status: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                SA_UPDATE, {"status": status, "stoptime": int(time.time()), "id": build_id}
+            )
+            position = int(conn.exec_driver_sql(SQLITE_LAST_POSITION).scalar_one()) + 1
+            conn.exec_driver_sql(SQLITE_INSERT, _sqlite_insert_params(position, build_id))
+            conn.exec_driver_sql(SQLITE_ORDER, (position,))
+
+    def herald_transaction(self, build_id: int, status: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                SA_UPDATE, {"status": status, "stoptime": int(time.time()), "id": build_id}
+            )
+            append(conn, "build_finished", {"build_id": build_id, "dependent_ids": []})
+
+    def close(self) -> None:
+        self.raw.close()
+        self.engine.dispose()
+
+
+def run_segment(
+    writer: Writer | SqliteWriter, index: int, rows: int, segment: Segment
+) -> SegmentResult:
     """Run one segment: warm up, then count the commits that end in the window."""
     ids = [i for i in range(1, rows + 1) if i % segment.writers == index]
     rng = random.Random(segment.number * 1000 + index)
     transaction = writer.transactions[segment.variant]
+    started = time.monotonic()
     transaction(rng.choice(ids), rng.randrange(4))  # the first of a kind pays for preparing
+    longest = time.monotonic() - started
+    committed = 1
     delay = segment.start_at - time.monotonic()
     if delay > 0:
         time.sleep(delay)
@@ -238,12 +532,21 @@ def run_segment(writer: Writer, index: int, rows: int, segment: Segment) -> Segm
         if cpu_start is None and started >= measure_from:
             cpu_start = time.thread_time()
         transaction(rng.choice(ids), rng.randrange(4))
+        committed += 1
         ended = time.monotonic()
+        longest = max(longest, ended - started)
         if started >= measure_from and ended <= stop_at:
             durations.append(ended - started)
             cpu_end = time.thread_time()
     cpu = cpu_end - cpu_start if cpu_start is not None and durations else 0.0
-    return SegmentResult(index, segment.variant, len(durations), durations, cpu)
+    return SegmentResult(
+        index, segment.variant, len(durations), durations, cpu, None, committed, longest
+    )
+
+
+#: what a pool's writers write to: herald's tables on PostgreSQL (B1), the same plus
+#: the eventsourcing application's, or an SQLite file (B9)
+BACKENDS: Final = ("postgresql", "eventsourcing", "sqlite")
 
 
 def writer_main(
@@ -253,14 +556,24 @@ def writer_main(
     rows: int,
     commands: Channel[Segment | None],
     results: Channel[SegmentResult],
+    backend: str = "postgresql",
 ) -> None:
-    """A writer's life: connect once, run the segments it is sent, stop on None."""
+    """A writer's life: connect once, run the segments it is sent, stop on None.
+
+    ``conninfo`` is the file's path for ``backend="sqlite"``.
+    """
+    writer: Writer | SqliteWriter
     try:
-        writer = Writer(conninfo, url)
+        if backend == "sqlite":
+            writer = SqliteWriter(conninfo, url)
+        else:
+            es_rows = rows if backend == "eventsourcing" else 0
+            writer = Writer(conninfo, url, eventsourcing_rows=es_rows)
     except Exception as exc:
         results.put(SegmentResult(index, READY, 0, [], 0.0, f"connect: {exc!r}"))
         return
-    results.put(SegmentResult(index, READY, 0, [], 0.0))
+    created = len(writer.aggregates) if isinstance(writer, Writer) else 0
+    results.put(SegmentResult(index, READY, 0, [], 0.0, None, created))
     try:
         while (segment := commands.get()) is not None:
             try:
@@ -272,11 +585,28 @@ def writer_main(
 
 
 class WriterPool:
-    """``size`` long-lived writers, as processes or threads, each with its own connections."""
+    """``size`` long-lived writers, as processes or threads, each with its own connections.
 
-    def __init__(self, executor: str, size: int, conninfo: str, url: str, rows: int) -> None:
+    ``backend``: one of BACKENDS; ``"eventsourcing"`` needs the library's tables
+    (:func:`create_eventsourcing_tables`), ``"sqlite"`` takes the file's path as
+    ``conninfo``.
+    """
+
+    def __init__(
+        self,
+        executor: str,
+        size: int,
+        conninfo: str,
+        url: str,
+        rows: int,
+        *,
+        backend: str = "postgresql",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
         self.executor = executor
         self.size = size
+        self.backend = backend
         self._handles: list[mp.process.BaseProcess | threading.Thread] = []
         self.commands: list[Channel[Segment | None]] = []
         self.results: Channel[SegmentResult]
@@ -287,7 +617,7 @@ class WriterPool:
                 commands: Channel[Segment | None] = ctx.Queue()
                 proc = ctx.Process(
                     target=writer_main,
-                    args=(index, conninfo, url, rows, commands, self.results),
+                    args=(index, conninfo, url, rows, commands, self.results, backend),
                     name=f"bench-writer-{index}",
                     daemon=True,
                 )
@@ -300,7 +630,7 @@ class WriterPool:
                 local: Channel[Segment | None] = queue.Queue()
                 thread = threading.Thread(
                     target=writer_main,
-                    args=(index, conninfo, url, rows, local, self.results),
+                    args=(index, conninfo, url, rows, local, self.results, backend),
                     name=f"bench-writer-{index}",
                     daemon=True,
                 )
@@ -314,6 +644,8 @@ class WriterPool:
         if errors:
             self.close()
             raise RuntimeError("; ".join(errors))
+        #: eventsourcing aggregates the writers created (one event each)
+        self.created = sum(r.committed for r in ready)
 
     def run(self, segment: Segment) -> list[SegmentResult]:
         """Send ``segment`` to its first ``segment.writers`` writers; their results."""
@@ -352,11 +684,23 @@ class Throughput:
     durations: list[float] = field(default_factory=list)
     #: tx/s of each segment, in the order run
     segments: list[float] = field(default_factory=list)
+    #: every transaction committed, warm-ups included
+    committed: int = 0
+    #: measured transactions by writer index (how evenly the writers got through)
+    by_writer: dict[int, int] = field(default_factory=dict)
+    #: seconds, the longest single transaction, warm-ups included
+    longest: float = 0.0
 
     def add(self, seconds: float, results: Sequence[SegmentResult]) -> None:
         count = sum(r.transactions for r in results)
         self.seconds += seconds
         self.transactions += count
+        self.committed += sum(r.committed for r in results)
+        self.longest = max([self.longest, *(r.longest for r in results)])
+        for result in results:
+            self.by_writer[result.writer] = (
+                self.by_writer.get(result.writer, 0) + result.transactions
+            )
         self.cpu += sum(r.cpu for r in results)
         for result in results:
             self.durations.extend(result.durations)
@@ -387,11 +731,12 @@ def measure_throughput(
     seconds: float,
     rounds: int,
     log: Callable[[str], None],
+    variants: Sequence[str] = VARIANTS,
 ) -> dict[str, Throughput]:
-    """``rounds`` × (A B C D D C B A) over VARIANTS; ``seconds`` per variant in all."""
-    cells = {v: Throughput(pool.executor, writers, v) for v in VARIANTS}
+    """``rounds`` × (A B C ... C B A) over ``variants``; ``seconds`` per variant in all."""
+    cells = {v: Throughput(pool.executor, writers, v) for v in variants}
     length = seconds / (2 * rounds)
-    order = (*VARIANTS, *reversed(VARIANTS)) * rounds
+    order = (*variants, *reversed(variants)) * rounds
     for number, variant in enumerate(order):
         results = pool.run(Segment(variant, writers, 0.0, warmup, length, number))
         cells[variant].add(length, results)
@@ -749,6 +1094,69 @@ def drop_scratch(admin: URL, name: str) -> None:
         conn.execute(f"DROP DATABASE IF EXISTS {_quote(name)} WITH (FORCE)")
 
 
+@contextmanager
+def scratch_sqlite(directory: Path | None, rows: int) -> Iterator[tuple[str, str]]:
+    """A migrated SQLite file with ``bench_builds``, in a temporary directory deleted on
+    the way out: (its path, its URL)."""
+    with tempfile.TemporaryDirectory(prefix="herald-bench-append-", dir=directory) as where:
+        path = str(Path(where) / "herald.db")
+        url = f"sqlite:///{path}"
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                migrate.upgrade(conn)
+                with conn.begin():
+                    sync_catalogue(conn)
+                with conn.begin():
+                    conn.execute(
+                        sa.text(
+                            "CREATE TABLE bench_builds ("
+                            " id integer PRIMARY KEY, status integer, stoptime integer)"
+                        )
+                    )
+                    conn.execute(
+                        sa.text("INSERT INTO bench_builds (id) VALUES (:id)"),
+                        [{"id": i} for i in range(1, rows + 1)],
+                    )
+        finally:
+            engine.dispose()
+        yield path, url
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteCheck:
+    """The SQLite log after the B9 runs: every event ordered once, seq dense."""
+
+    events: int
+    entries: int
+    max_seq: int
+    committed: int
+
+    @property
+    def ok(self) -> bool:
+        return self.events == self.entries == self.max_seq == self.committed
+
+    def sentence(self) -> str:
+        verdict = "all equal" if self.ok else "**not all equal**"
+        return (
+            f"Log check: the writers committed {self.committed:,} transactions (warm-ups "
+            f"included); the file holds {self.events:,} events and {self.entries:,} log "
+            f"entries, seq up to {self.max_seq:,}: {verdict}."
+        )
+
+
+def check_sqlite(path: str, committed: int) -> SqliteCheck:
+    conn = sqlite3.connect(path)
+    try:
+        events = int(conn.execute("SELECT count(*) FROM herald_events").fetchone()[0])
+        entries, top = conn.execute(
+            "SELECT count(*), coalesce(max(seq), 0) FROM herald_log"
+        ).fetchone()
+    finally:
+        conn.close()
+    return SqliteCheck(events, int(entries), int(top), committed)
+
+
 @dataclass(frozen=True, slots=True)
 class Machine:
     cores: int
@@ -866,6 +1274,11 @@ class Report:
     revision: str = "?"
     #: digest of herald's sources at the start and at the end of the run
     digests: tuple[str, str] = ("?", "?")
+    eventsourcing_check: EventsourcingCheck | None = None
+    #: B9: the cells on SQLite (writers are always processes there)
+    sqlite_cells: list[Throughput] = field(default_factory=list)
+    sqlite_check: SqliteCheck | None = None
+    sqlite_filesystem: str = "?"
 
 
 def _ms(seconds: float) -> str:
@@ -875,12 +1288,14 @@ def _ms(seconds: float) -> str:
 PLURAL: Final = {"process": "processes", "thread": "threads"}
 
 
-def _groups(report: Report) -> dict[tuple[str, int], dict[str, Throughput]]:
+def _groups(
+    cells: Sequence[Throughput], variants: Sequence[str] = VARIANTS
+) -> dict[tuple[str, int], dict[str, Throughput]]:
     """The cells by (executor, writers), then by variant, in the order run."""
     groups: dict[tuple[str, int], dict[str, Throughput]] = {}
-    for cell in report.cells:
+    for cell in cells:
         groups.setdefault((cell.executor, cell.writers), {})[cell.variant] = cell
-    return {key: cells for key, cells in groups.items() if all(v in cells for v in VARIANTS)}
+    return {key: found for key, found in groups.items() if all(v in found for v in variants)}
 
 
 def _ratio_label(num: str, den: str) -> str:
@@ -895,26 +1310,40 @@ def _ratio_cell(num: Throughput, den: Throughput) -> str:
     return shown
 
 
-THROUGHPUT_HEADER: Final = [
-    "writers",
-    "writers are",
-    *(f"{LABELS[v]} tx/s" for v in VARIANTS),
-    *(_ratio_label(num, den) for num, den in RATIOS),
-]
+def _throughput_header(variants: Sequence[str], ratios: Sequence[tuple[str, str]]) -> list[str]:
+    return [
+        "writers",
+        "writers are",
+        *(f"{LABELS[v]} tx/s" for v in variants),
+        *(_ratio_label(num, den) for num, den in ratios),
+    ]
 
 
-def throughput_rows(report: Report) -> list[list[str]]:
+THROUGHPUT_HEADER: Final = _throughput_header(VARIANTS, RATIOS)
+SQLITE_HEADER: Final = _throughput_header(SQLITE_VARIANTS, SQLITE_RATIOS)
+
+
+def throughput_rows(
+    cells: Sequence[Throughput],
+    variants: Sequence[str] = VARIANTS,
+    ratios: Sequence[tuple[str, str]] = RATIOS,
+) -> list[list[str]]:
     rows = []
-    for (executor, writers), cells in _groups(report).items():
+    for (executor, writers), found in _groups(cells, variants).items():
         rows.append(
             [
                 str(writers),
                 PLURAL[executor],
-                *(f"{cells[v].rate:,.0f}" for v in VARIANTS),
-                *(_ratio_cell(cells[num], cells[den]) for num, den in RATIOS),
+                *(f"{found[v].rate:,.0f}" for v in variants),
+                *(_ratio_cell(found[num], found[den]) for num, den in ratios),
             ]
         )
     return rows
+
+
+def _spread(cell: Throughput) -> str:
+    counts = cell.by_writer.values()
+    return f"{min(counts):,} – {max(counts):,}" if counts else "-"
 
 
 DETAIL_HEADER: Final = [
@@ -924,15 +1353,16 @@ DETAIL_HEADER: Final = [
     "tx/s",
     "ms/tx p50 / p99",
     "client CPU µs/tx",
+    "tx per writer, fewest – most",
     "segments tx/s (in the order run)",
 ]
 
 
-def detail_rows(report: Report) -> list[list[str]]:
+def detail_rows(cells: Sequence[Throughput], variants: Sequence[str] = VARIANTS) -> list[list[str]]:
     rows = []
-    for (executor, writers), cells in _groups(report).items():
-        for variant in VARIANTS:
-            cell = cells[variant]
+    for (executor, writers), found in _groups(cells, variants).items():
+        for variant in variants:
+            cell = found[variant]
             rows.append(
                 [
                     str(writers),
@@ -944,6 +1374,7 @@ def detail_rows(report: Report) -> list[list[str]]:
                         f"{_ms(percentile(cell.durations, 0.99))}"
                     ),
                     f"{cell.cpu_us_per_tx:.0f}",
+                    _spread(cell),
                     " ".join(f"{x:.0f}" for x in cell.segments),
                 ]
             )
@@ -998,23 +1429,44 @@ def latency_facts(latency: Latency) -> str:
     )
 
 
-def _verdict(value: float) -> str:
-    return "**met**" if value >= TARGET_RATIO else "**not met**"
+def _verdict(value: float, target: float = TARGET_RATIO) -> str:
+    return "**met**" if value >= target else "**not met**"
+
+
+def _rounds_note(num: Throughput, den: Throughput, target: float) -> str:
+    """Says so when some rounds fall on the other side of the target than the whole run."""
+    rounds = round_ratios(num, den)
+    whole = ratio(num, den) >= target
+    if all((x >= target) == whole for x in rounds):
+        return ""
+    shown = ", ".join(f"{x:.2f}" for x in rounds)
+    return f", though not in every round ({shown})"
 
 
 def throughput_verdicts(report: Report) -> list[str]:
-    """Sentences computed from the throughput figures: the target, the costs, threads."""
+    """Sentences computed from the throughput figures: the targets, the costs, threads."""
     notes = []
-    groups = _groups(report)
+    groups = _groups(report.cells)
     main = report.args.executor
     top = max(report.args.writers)
     cells = groups.get((main, top))
     if cells:
         target = ratio(cells["herald_psycopg"], cells["raw"])
+        raw_rounds = _rounds_note(cells["herald_psycopg"], cells["raw"], TARGET_RATIO)
         notes.append(
             f"Target (herald ≥ {TARGET_RATIO}× raw at {top} writers; {PLURAL[main]}), read "
             f"as herald (psycopg) / raw, herald's append on raw's driver: {target:.2f}× — "
-            f"{_verdict(target)}."
+            f"{_verdict(target)}{raw_rounds}."
+        )
+        es = ratio(cells["herald_psycopg"], cells["eventsourcing"])
+        es_sa = ratio(cells["herald_sqlalchemy"], cells["eventsourcing"])
+        es_rounds = _rounds_note(cells["herald_psycopg"], cells["eventsourcing"], ES_TARGET_RATIO)
+        notes.append(
+            f"Target (herald ≥ {ES_TARGET_RATIO:g}× eventsourcing at {top} writers; "
+            f"{PLURAL[main]}), read as herald (psycopg) / eventsourcing: {es:.2f}× — "
+            f"{_verdict(es, ES_TARGET_RATIO)}{es_rounds}. herald (sqlalchemy) / eventsourcing: "
+            f"{es_sa:.2f}×; raw / eventsourcing: "
+            f"{ratio(cells['raw'], cells['eventsourcing']):.2f}×."
         )
         on_sa = ratio(cells["herald_sqlalchemy"], cells["sqlalchemy"])
         notes.append(
@@ -1036,10 +1488,25 @@ def throughput_verdicts(report: Report) -> list[str]:
             f"({cpu['herald_psycopg'] - cpu['raw']:+.0f}); sqlalchemy (no herald) "
             f"{cpu['sqlalchemy']:.0f} µs, herald (sqlalchemy) "
             f"{cpu['herald_sqlalchemy']:.0f} µs "
-            f"({cpu['herald_sqlalchemy'] - cpu['sqlalchemy']:+.0f}). On "
-            f"{report.machine.cores} cores the writers' CPU and the server's compete for "
-            "the same cores."
+            f"({cpu['herald_sqlalchemy'] - cpu['sqlalchemy']:+.0f}); eventsourcing "
+            f"{cpu['eventsourcing']:.0f} µs. On {report.machine.cores} cores the writers' "
+            "CPU and the server's compete for the same cores."
         )
+        low = min(report.args.writers)
+        first = groups.get((main, low))
+        if first and low != top:
+            notes.append(
+                "eventsourcing from "
+                f"{low} to {top} writers: {first['eventsourcing'].rate:,.0f} → "
+                f"{cells['eventsourcing'].rate:,.0f} tx/s "
+                f"({ratio(cells['eventsourcing'], first['eventsourcing']):.2f}×); raw "
+                f"{ratio(cells['raw'], first['raw']):.2f}×, herald (psycopg) "
+                f"{ratio(cells['herald_psycopg'], first['herald_psycopg']):.2f}×. The "
+                "table lock lets one eventsourcing transaction at a time run from its "
+                "`LOCK TABLE` to its commit."
+            )
+    if report.eventsourcing_check is not None:
+        notes.append(report.eventsourcing_check.sentence())
     other = "thread" if main == "process" else "process"
     mine, theirs = groups.get((main, top)), groups.get((other, top))
     if mine and theirs:
@@ -1059,11 +1526,56 @@ def throughput_verdicts(report: Report) -> list[str]:
             verdict = f"the same within the noise (rounds spread over {spread:.2f})"
         else:
             verdict = "lower with threads" if gap < 0 else "higher with threads"
+        es_ratios = {k: ratio(c["herald_psycopg"], c["eventsourcing"]) for k, c in by.items()}
         notes.append(
             f"Threads against processes at {top} writers: herald (psycopg) / raw is "
             f"{ratios['thread']:.2f} with threads, {ratios['process']:.2f} with processes: "
-            f"{verdict}. The headline figures use {PLURAL[main]}."
+            f"{verdict}; herald (psycopg) / eventsourcing {es_ratios['thread']:.2f} with "
+            f"threads, {es_ratios['process']:.2f} with processes. The headline figures use "
+            f"{PLURAL[main]}."
         )
+    return notes
+
+
+def sqlite_facts(report: Report) -> list[str]:
+    """B9's sentences: ratios and what 8 writers on one SQLite file do; no target."""
+    notes = []
+    groups = _groups(report.sqlite_cells, SQLITE_VARIANTS)
+    for (_executor, writers), cells in groups.items():
+        herald_cell, raw_cell = cells["sqlite_herald"], cells["sqlite_raw"]
+        notes.append(
+            f"Report, {writers} writer(s): herald (sqlalchemy) {herald_cell.rate:,.0f} tx/s, "
+            f"raw (sqlite3) {raw_cell.rate:,.0f} tx/s: "
+            f"{ratio(herald_cell, raw_cell):.2f}× raw, "
+            f"{ratio(herald_cell, cells['sqlite_sqlalchemy']):.2f}× sqlalchemy (no herald); "
+            f"client CPU {herald_cell.cpu_us_per_tx:.0f} µs/tx against "
+            f"{raw_cell.cpu_us_per_tx:.0f} µs/tx."
+        )
+    counts = sorted({w for _, w in groups})
+    if len(counts) > 1:
+        low, top = counts[0], counts[-1]
+        one, many = groups[("process", low)], groups[("process", top)]
+        p99 = {
+            v: (_ms(percentile(one[v].durations, 0.99)), _ms(percentile(many[v].durations, 0.99)))
+            for v in ("sqlite_raw", "sqlite_herald")
+        }
+        notes.append(
+            f"From {low} to {top} writers on the one file: raw (sqlite3) "
+            f"{ratio(many['sqlite_raw'], one['sqlite_raw']):.2f}×, herald (sqlalchemy) "
+            f"{ratio(many['sqlite_herald'], one['sqlite_herald']):.2f}× the tx/s; p99 "
+            f"{p99['sqlite_raw'][0]} → {p99['sqlite_raw'][1]} ms and "
+            f"{p99['sqlite_herald'][0]} → {p99['sqlite_herald'][1]} ms. SQLite lets one "
+            "writer at a time hold the write lock (`BEGIN IMMEDIATE`); the others wait in "
+            "the driver's busy handler (`sqlite3_busy_timeout`, 30 s in herald's engine), "
+            "which sleeps and retries rather than queueing them. Measured transactions per "
+            f"writer at {top} writers: raw (sqlite3) {_spread(many['sqlite_raw'])}, herald "
+            f"(sqlalchemy) {_spread(many['sqlite_herald'])} (fewest – most); the p99 counts "
+            "only transactions that ended inside a measured window, the longest single "
+            f"transaction (warm-ups included) took {_ms(many['sqlite_raw'].longest)} ms "
+            f"(raw) and {_ms(many['sqlite_herald'].longest)} ms (herald)."
+        )
+    if report.sqlite_check is not None:
+        notes.append(report.sqlite_check.sentence())
     return notes
 
 
@@ -1096,6 +1608,28 @@ def latency_verdicts(lat: Latency) -> list[str]:
     return notes
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that repeats this run's measurements (not its file options)."""
+    parts = [
+        ".venv/bin/python -m bench.append_throughput",
+        f"--seconds {args.seconds:g} --warmup {args.warmup:g} --rounds {args.rounds}",
+        f"--writers {' '.join(str(w) for w in args.writers)} --executor {args.executor}",
+        f"--{'' if args.thread_check else 'no-'}thread-check --rows {args.rows}",
+    ]
+    if args.sqlite:
+        parts.append(f"--sqlite-writers {' '.join(str(w) for w in args.sqlite_writers)}")
+    else:
+        parts.append("--no-sqlite")
+    if args.latency:
+        parts.append(
+            f"--rate {args.rate:g} --latency-seconds {args.latency_seconds:g} "
+            f"--latency-warmup {args.latency_warmup:g}"
+        )
+    else:
+        parts.append("--no-latency")
+    return " ".join(parts)
+
+
 def markdown(report: Report) -> str:
     m, args = report.machine, report.args
     settings = ", ".join(f"`{k}={v}`" for k, v in m.settings.items())
@@ -1105,24 +1639,27 @@ def markdown(report: Report) -> str:
     )
     if report.digests[0] != report.digests[1]:
         dated += " **herald's sources changed during the run**: the figures mix two versions."
+    sqlite_text = (
+        f"SQLite {sqlite3.sqlite_version} (B9: a file on {report.sqlite_filesystem}); "
+        if args.sqlite
+        else ""
+    )
     machine = (
         "**Machine.** "
         f"{m.cores} cores (`os.cpu_count()`, {m.cpu_model}), {m.ram_gib:.1f} GiB RAM, {m.os}; "
         f"PostgreSQL {m.server_version} on the same machine over TCP loopback, {settings}; "
-        f"Python {m.python}, SQLAlchemy {m.sqlalchemy}, psycopg {m.psycopg}. "
-        f"Load average (1 min) {m.load[0]:.2f} at start; other client sessions on the "
-        f"server: {m.other_sessions} at start, {report.other_sessions_after} at the end."
+        f"{sqlite_text}Python {m.python}, SQLAlchemy {m.sqlalchemy}, psycopg {m.psycopg}, "
+        f"eventsourcing {ES_VERSION}. Load average (1 min) {m.load[0]:.2f} at start; other "
+        f"client sessions on the server: {m.other_sessions} at start, "
+        f"{report.other_sessions_after} at the end."
     )
     reproduce = (
         "**Reproduce.** `make bench`, which runs `.venv/bin/python -m bench.append_throughput` "
-        "(options: `--seconds`, `--warmup`, `--rounds`, `--writers`, `--executor`, "
-        "`--thread-check`, `--rate`, `--latency-seconds`, `--latency-warmup`, `--help`; "
-        f"the server from `{URL_SETTING}`, default `{DEFAULT_URL}`). This run: "
-        f"`--seconds {args.seconds:g} --warmup {args.warmup:g} --rounds {args.rounds} "
-        f"--writers {' '.join(str(w) for w in args.writers)} --executor {args.executor} "
-        f"--{'' if args.thread_check else 'no-'}thread-check --rate {args.rate:g} "
-        f"--latency-seconds {args.latency_seconds:g} --latency-warmup "
-        f"{args.latency_warmup:g}`."
+        "with the defaults (options: `--seconds`, `--warmup`, `--rounds`, `--writers`, "
+        "`--executor`, `--thread-check`, `--rows`, `--sqlite`, `--sqlite-writers`, "
+        "`--sqlite-dir`, `--latency`, `--rate`, `--latency-seconds`, `--latency-warmup`, "
+        "`--database-url`, `--database`, `--markdown`, `--help`; the server from "
+        f"`{URL_SETTING}`, default `{DEFAULT_URL}`). This run: `{command_line(args)}`."
     )
     length = args.seconds / (2 * args.rounds)
     other = "threads" if args.executor == "process" else "processes"
@@ -1135,20 +1672,20 @@ def markdown(report: Report) -> str:
     measured = (
         "**What is measured.** One transaction = `UPDATE bench_builds SET status, stoptime "
         f"WHERE id` of a random row the writer owns ({args.rows} rows, split between the "
-        "writers, so no row lock is contended) + one `build_finished` event "
-        '(`{"build_id": id, "dependent_ids": []}`), committed. Four variants:'
+        "writers, so no row lock is contended) + one event, committed. Five variants:"
     )
     variants = [
         (
             "*raw*: plain psycopg 3, no SQLAlchemy, no herald: `UPDATE`, then "
             "`INSERT INTO herald_events (topic, payload, delivery, occurred_at) ... "
-            "RETURNING position`, `commit()`."
+            "RETURNING position` of a `build_finished` event "
+            '(`{"build_id": id, "dependent_ids": []}`), `commit()`.'
         ),
         (
             "*herald (psycopg)*: the same psycopg connection: `UPDATE` through a cursor, then "
-            "`herald.outbox.append(conn, ...)` on the psycopg connection, `commit()`. Same "
-            "driver as *raw*, so herald (psycopg) / raw is herald's own cost; this is the "
-            "ratio the target is read from."
+            "`herald.outbox.append(conn, ...)` of the same event on the psycopg connection, "
+            "`commit()`. Same driver as *raw*, so herald (psycopg) / raw is herald's own "
+            "cost; the first target is read from it."
         ),
         (
             "*sqlalchemy (no herald)*: an engine from `herald.config.create_engine(url)`, "
@@ -1159,17 +1696,38 @@ def markdown(report: Report) -> str:
             "*herald (sqlalchemy)*: the same engine, `with engine.begin() as conn:` the "
             "`UPDATE` as `text()`, then `herald.outbox.append(conn, ...)`."
         ),
+        (
+            f"*eventsourcing*: the eventsourcing library ({ES_VERSION}) configured as its "
+            "users configure it for PostgreSQL (`PERSISTENCE_MODULE=eventsourcing.postgres`, "
+            f"`POSTGRES_DBNAME`, `POSTGRES_HOST`, ..., `POSTGRES_SCHEMA={ES_SCHEMA}`, "
+            "`POSTGRES_POOL_SIZE=1`, `POSTGRES_MAX_OVERFLOW=0`: one connection per writer). "
+            "An `Application` whose stock `PostgresApplicationRecorder` made its own table "
+            f"`{ES_TABLE}` in the same scratch database. Each writer creates its own "
+            "aggregates beforehand (one per build row, new UUIDs: no two writers share one); "
+            "a transaction is one command on one of them (one `Finished` event, "
+            '`{"status", "stoptime", "timestamp"}` as the library\'s JSON) and '
+            "`app.save(aggregate, build_update=(...))`: in one transaction, pipelined by "
+            "the library, the `UPDATE`, `SET LOCAL lock_timeout`, "
+            f"`LOCK TABLE {ES_TABLE} IN EXCLUSIVE MODE`, `NOTIFY`, the `INSERT`, then the "
+            "commit. The `UPDATE` goes through the hook the library has for writes that "
+            "share the events' transaction (`_insert_events`, where its own process "
+            "recorder writes its tracking row; `save()` hands its keyword arguments down "
+            "to it), in a subclass chosen with its `APPLICATION_RECORDER_TOPIC` setting; "
+            "nothing of the library is patched. herald (psycopg) / eventsourcing is the "
+            "second target's ratio."
+        ),
     ]
     method = (
-        "Each writer has its own psycopg connection and its own engine. Writers are "
-        f"{PLURAL[args.executor]}. Each writer count runs the variants in {args.rounds} "
-        "mirrored round(s) (raw, herald (psycopg), sqlalchemy, herald (sqlalchemy), then "
-        f"the reverse), each segment {length:g} s measured after a {args.warmup:g} s "
-        f"warm-up, so each figure is {args.seconds:g} s of commits.{check} No sequencer "
-        "runs meanwhile. ms/tx is the client-side time of one whole transaction; client "
-        "CPU is the writer thread's CPU time (`time.thread_time()`) per transaction, so "
-        "it leaves out the server's share. Ratio cells give the ratio over the whole "
-        "run, then each round's in parentheses."
+        "Each writer has its own psycopg connection, its own engine and its own "
+        f"eventsourcing application. Writers are {PLURAL[args.executor]}. Each writer "
+        f"count runs the variants in {args.rounds} mirrored round(s) (raw, herald "
+        "(psycopg), sqlalchemy, herald (sqlalchemy), eventsourcing, then the reverse), "
+        f"each segment {length:g} s measured after a {args.warmup:g} s warm-up, so each "
+        f"figure is {args.seconds:g} s of commits.{check} No sequencer runs meanwhile. "
+        "ms/tx is the client-side time of one whole transaction; client CPU is the "
+        "writer thread's CPU time (`time.thread_time()`) per transaction, so it leaves "
+        "out the server's share. Ratio cells give the ratio over the whole run, then "
+        "each round's in parentheses."
     )
     reading = (
         "**Reading the ratios.** The two SQLAlchemy variants include SQLAlchemy's own "
@@ -1177,12 +1735,13 @@ def markdown(report: Report) -> str:
         "statement execution), which is the same with or without herald. herald's own "
         "cost is therefore read from herald (psycopg) / raw and from herald (sqlalchemy) "
         "/ sqlalchemy (no herald); herald (sqlalchemy) / raw is given for completeness "
-        "and includes SQLAlchemy's cost."
+        "and includes SQLAlchemy's cost. eventsourcing pays its own Python cost (the "
+        "aggregate's event, the mapper, the pool) as a user of the library would."
     )
     lines = [
         BEGIN_MARK,
         "",
-        "## B1 — append throughput (issue #2)",
+        "## B1 — append throughput (issues #2, #6)",
         "",
         dated,
         "",
@@ -1198,17 +1757,17 @@ def markdown(report: Report) -> str:
         "",
         reading,
         "",
-        md_table(THROUGHPUT_HEADER, throughput_rows(report)),
+        md_table(THROUGHPUT_HEADER, throughput_rows(report.cells)),
         "",
         *(f"- {note}" for note in throughput_verdicts(report)),
         "",
         "Per variant:",
         "",
-        md_table(DETAIL_HEADER, detail_rows(report)),
-        "",
-        "## Insert → reader latency (issue #2)",
+        md_table(DETAIL_HEADER, detail_rows(report.cells)),
         "",
     ]
+    lines.extend(sqlite_markdown(report))
+    lines.extend(["## Insert → reader latency (issue #2)", ""])
     lat = report.latency
     if lat is None:
         lines.extend(["Not run (`--no-latency`).", ""])
@@ -1252,6 +1811,63 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sqlite_markdown(report: Report) -> list[str]:
+    """B9's part of the section: B1 on the SQLite default."""
+    args = report.args
+    lines = ["## B9 — B1 on the SQLite default (issue #6)", ""]
+    if not args.sqlite:
+        return [*lines, "Not run (`--no-sqlite`).", ""]
+    length = args.seconds / (2 * args.rounds)
+    counts = " and ".join(str(w) for w in args.sqlite_writers)
+    measured = (
+        "**What is measured.** The same transaction as B1 (the `UPDATE` of a random row "
+        "the writer owns, then one `build_finished` event, committed) on a migrated SQLite "
+        f"file in a temporary directory (on {report.sqlite_filesystem}), written through "
+        '`herald.config.create_engine("sqlite:///...")`: WAL, `synchronous=FULL`, '
+        "`foreign_keys=ON`, a 30 s busy timeout, every transaction `BEGIN IMMEDIATE`. "
+        f"{counts} writer processes, each with its own connections; the same mirrored "
+        f"rounds as B1 ({args.rounds} round(s), segments of {length:g} s after a "
+        f"{args.warmup:g} s warm-up). Three variants:"
+    )
+    variants = [
+        (
+            "*raw (sqlite3)*: the stdlib `sqlite3` module alone, with the engine's "
+            "settings, sending what herald's append sends on SQLite: `BEGIN IMMEDIATE`, "
+            "the `UPDATE`, the last position (`SELECT max(...)` over `sqlite_sequence` "
+            "and `herald_events`), `INSERT INTO herald_events` with the next position, "
+            "`INSERT INTO herald_log ... SELECT` (on SQLite the writer orders its own "
+            "events: no sequencer), `COMMIT`."
+        ),
+        (
+            "*sqlalchemy (no herald)*: the engine, `with engine.begin() as conn:` the "
+            "`UPDATE` as `text()`, then the same three statements through "
+            "`exec_driver_sql`."
+        ),
+        (
+            "*herald (sqlalchemy)*: the engine, `with engine.begin() as conn:` the "
+            "`UPDATE` as `text()`, then `herald.outbox.append(conn, ...)`. herald's append "
+            "on SQLite takes a SQLAlchemy connection (or session), so both herald/raw "
+            "(SQLAlchemy's cost included) and herald/sqlalchemy (herald's own) are given."
+        ),
+    ]
+    cells = report.sqlite_cells
+    return [
+        *lines,
+        measured,
+        "",
+        *(f"- {v}" for v in variants),
+        "",
+        md_table(SQLITE_HEADER, throughput_rows(cells, SQLITE_VARIANTS, SQLITE_RATIOS)),
+        "",
+        *(f"- {note}" for note in sqlite_facts(report)),
+        "",
+        "Per variant:",
+        "",
+        md_table(DETAIL_HEADER, detail_rows(cells, SQLITE_VARIANTS)),
+        "",
+    ]
+
+
 PREAMBLE: Final = """# herald benchmarks
 
 Each benchmark has its own section below, written by its script between its
@@ -1273,13 +1889,23 @@ def write_markdown(path: Path, section: str) -> None:
 
 def print_report(report: Report) -> None:
     print()
-    print("B1 — append throughput (tx = UPDATE bench_builds + append build_finished)")
-    print(text_table(THROUGHPUT_HEADER, throughput_rows(report)))
+    print("B1 — append throughput (tx = UPDATE bench_builds + one event)")
+    print(text_table(THROUGHPUT_HEADER, throughput_rows(report.cells)))
     print()
-    print(text_table(DETAIL_HEADER, detail_rows(report)))
+    print(text_table(DETAIL_HEADER, detail_rows(report.cells)))
     print()
     for note in throughput_verdicts(report):
         print(f"- {note.replace('**', '')}")
+    if report.args.sqlite:
+        print()
+        print("B9 — B1 on the SQLite default (report)")
+        cells = report.sqlite_cells
+        print(text_table(SQLITE_HEADER, throughput_rows(cells, SQLITE_VARIANTS, SQLITE_RATIOS)))
+        print()
+        print(text_table(DETAIL_HEADER, detail_rows(cells, SQLITE_VARIANTS)))
+        print()
+        for note in sqlite_facts(report):
+            print(f"- {note.replace('**', '')}")
     if report.latency is not None:
         print()
         print("Insert → reader latency (herald run + LogReader.follow)")
@@ -1287,6 +1913,8 @@ def print_report(report: Report) -> None:
         print(latency_facts(report.latency))
         for note in latency_verdicts(report.latency):
             print(f"- {note.replace('**', '')}")
+    print()
+    print(f"command: {command_line(report.args)}")
 
 
 # -- main ------------------------------------------------------------------------
@@ -1295,13 +1923,15 @@ def print_report(report: Report) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.append_throughput",
-        description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--seconds",
         type=float,
         default=10.0,
-        help="measured seconds per variant and writer count, split over the segments (default: 10)",
+        help="measured seconds per variant and writer count, split over the segments "
+        "(default: 10); also B9's",
     )
     parser.add_argument(
         "--warmup",
@@ -1315,7 +1945,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[1, 8],
         metavar="N",
-        help="concurrent writer counts to measure (default: 1 8)",
+        help="concurrent writer counts to measure on PostgreSQL (default: 1 8)",
     )
     parser.add_argument(
         "--executor",
@@ -1333,11 +1963,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=2,
-        help="rounds (A B C D D C B A) per writer count; a segment lasts "
+        help="mirrored rounds (A B C D E E D C B A) per writer count; a segment lasts "
         "seconds / (2 × rounds) (default: 2)",
     )
-    parser.add_argument("--rows", type=int, default=1000, help="rows in bench_builds")
-    parser.add_argument("--rate", type=float, default=200.0, help="latency run: events/s")
+    parser.add_argument(
+        "--rows", type=int, default=1000, help="rows in bench_builds (default: 1000)"
+    )
+    parser.add_argument(
+        "--sqlite",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run B9, the same on an SQLite file (default: on)",
+    )
+    parser.add_argument(
+        "--sqlite-writers",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        metavar="N",
+        help="B9: concurrent writer processes on the SQLite file (default: 1 8)",
+    )
+    parser.add_argument(
+        "--sqlite-dir",
+        type=Path,
+        default=None,
+        help="B9: where the SQLite file's temporary directory goes (default: the system's)",
+    )
+    parser.add_argument(
+        "--latency",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the insert → reader latency part (default: on)",
+    )
+    parser.add_argument(
+        "--rate", type=float, default=200.0, help="latency run: events/s (default: 200)"
+    )
     parser.add_argument(
         "--latency-seconds",
         type=float,
@@ -1351,16 +2011,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="latency run: warm-up seconds, not counted (default: 2)",
     )
     parser.add_argument(
-        "--latency", action=argparse.BooleanOptionalAction, default=True, help="run part 2"
-    )
-    parser.add_argument(
         "--database-url",
         default=os.environ.get(URL_SETTING, DEFAULT_URL),
-        help=f"an existing database to connect to (default: ${URL_SETTING} or {DEFAULT_URL})",
+        help=f"a superuser's URL on the server (default: ${URL_SETTING} or {DEFAULT_URL})",
     )
-    parser.add_argument("--database", default="herald_bench", help="scratch database name")
     parser.add_argument(
+        "--database",
+        default="herald_bench_append",
+        help="the scratch database, dropped first and at the end (default: herald_bench_append)",
+    )
+    parser.add_argument(
+        "--markdown",
         "--output",
+        dest="output",
         type=Path,
         default=REPO / "BENCHMARKS.md",
         help="the markdown file whose section is rewritten (default: BENCHMARKS.md)",
@@ -1369,7 +2032,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--write",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="rewrite the section of --output",
+        help="rewrite the section of --markdown (default: on)",
     )
     args = parser.parse_args(argv)
     if (
@@ -1381,10 +2044,71 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         or args.latency_warmup < 0
     ):
         parser.error("durations, --rate and --rounds must be positive, warm-ups not negative")
-    if any(w < 1 for w in args.writers) or args.rows < max(args.writers):
-        parser.error("--writers must be at least 1 and at most --rows")
+    if min(args.writers + args.sqlite_writers) < 1 or args.rows < max(
+        args.writers + args.sqlite_writers
+    ):
+        parser.error("--writers and --sqlite-writers must be at least 1 and at most --rows")
     args.writers = sorted(set(args.writers))
+    args.sqlite_writers = sorted(set(args.sqlite_writers))
     return args
+
+
+def measure_postgresql(
+    args: argparse.Namespace, url: URL, log: Callable[[str], None]
+) -> tuple[list[Throughput], EventsourcingCheck]:
+    """B1: every variant, at every writer count, then the thread check; the rows check."""
+    url_text = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    create_eventsourcing_tables(url)
+    cells: list[Throughput] = []
+    created = 0
+    executors = [args.executor]
+    if args.thread_check:
+        executors.append("thread" if args.executor == "process" else "process")
+    for executor in executors:
+        main_run = executor == args.executor
+        counts = args.writers if main_run else [max(args.writers)]
+        # The check runs one round of segments as long as the main run's.
+        rounds = args.rounds if main_run else 1
+        seconds = args.seconds if main_run else args.seconds / args.rounds
+        log(f"throughput, writers as {PLURAL[executor]}")
+        pool = WriterPool(
+            executor, max(counts), conninfo(url), url_text, args.rows, backend="eventsourcing"
+        )
+        created += pool.created
+        try:
+            for writers in counts:
+                found = measure_throughput(pool, writers, args.warmup, seconds, rounds, log)
+                cells.extend(found.values())
+        finally:
+            pool.close()
+    committed = sum(c.committed for c in cells if c.variant == "eventsourcing")
+    check = check_eventsourcing(url, created, committed)
+    log(f"  {check.sentence().replace('**', '')}")
+    return cells, check
+
+
+def measure_sqlite(
+    args: argparse.Namespace, log: Callable[[str], None]
+) -> tuple[list[Throughput], SqliteCheck, str]:
+    """B9: the SQLite variants on a fresh file; the log check; the file's file system."""
+    with scratch_sqlite(args.sqlite_dir, args.rows) as (path, url):
+        filesystem = filesystem_of(Path(path).parent)
+        log(f"B9 on SQLite ({path}, {filesystem}), writers as processes")
+        cells: list[Throughput] = []
+        pool = WriterPool(
+            "process", max(args.sqlite_writers), path, url, args.rows, backend="sqlite"
+        )
+        try:
+            for writers in args.sqlite_writers:
+                found = measure_throughput(
+                    pool, writers, args.warmup, args.seconds, args.rounds, log, SQLITE_VARIANTS
+                )
+                cells.extend(found.values())
+        finally:
+            pool.close()
+        check = check_sqlite(path, sum(c.committed for c in cells))
+        log(f"  {check.sentence().replace('**', '')}")
+    return cells, check, filesystem
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1399,30 +2123,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"{URL_SETTING}: a postgresql:// URL is needed")
     log(f"creating {args.database} on {admin.render_as_string(hide_password=True)}")
     url = create_scratch(admin, args.database, args.rows)
-    url_text = url.set(drivername="postgresql").render_as_string(hide_password=False)
     revision = git_revision()
     digest = source_digest()
     log(f"{revision} (sources {digest})")
     try:
         machine = describe_machine(admin, args.database)
-        cells: list[Throughput] = []
-        executors = [args.executor]
-        if args.thread_check:
-            executors.append("thread" if args.executor == "process" else "process")
-        for executor in executors:
-            main_run = executor == args.executor
-            counts = args.writers if main_run else [max(args.writers)]
-            # The check runs one round of segments as long as the main run's.
-            rounds = args.rounds if main_run else 1
-            seconds = args.seconds if main_run else args.seconds / args.rounds
-            log(f"throughput, writers as {PLURAL[executor]}")
-            pool = WriterPool(executor, max(counts), conninfo(url), url_text, args.rows)
-            try:
-                for writers in counts:
-                    found = measure_throughput(pool, writers, args.warmup, seconds, rounds, log)
-                    cells.extend(found.values())
-            finally:
-                pool.close()
+        cells, es_check = measure_postgresql(args, url, log)
+        sqlite_cells: list[Throughput] = []
+        sqlite_check, filesystem = None, "?"
+        if args.sqlite:
+            sqlite_cells, sqlite_check, filesystem = measure_sqlite(args, log)
         latency = None
         if args.latency:
             log("latency: herald run + one writer + LogReader.follow")
@@ -1434,7 +2144,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                 args.latency_warmup,
                 log,
             )
-        report = Report(args, machine, cells, latency, revision=revision)
+        report = Report(
+            args,
+            machine,
+            cells,
+            latency,
+            revision=revision,
+            eventsourcing_check=es_check,
+            sqlite_cells=sqlite_cells,
+            sqlite_check=sqlite_check,
+            sqlite_filesystem=filesystem,
+        )
         report.digests = (digest, source_digest())
         if report.digests[0] != report.digests[1]:
             log("WARNING: herald's sources changed during the run")

@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: their report section in BENCHMARKS.md, and the
-scratch-database options."""
+"""What the benchmark scripts share: their report section in BENCHMARKS.md, the
+scratch-database options, and the file system a scratch file is on."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Final
 
-__all__ = ["DEFAULT_ADMIN", "add_server_options", "markers", "write_section"]
+__all__ = ["DEFAULT_ADMIN", "add_server_options", "filesystem_of", "markers", "write_section"]
 
 #: The PostgreSQL server the benchmarks use, as a superuser (``HERALD_BENCH_DATABASE_URL``).
 DEFAULT_ADMIN: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -49,3 +49,21 @@ def add_server_options(parser: argparse.ArgumentParser, database: str) -> None:
     )
     parser.add_argument("--database", default=database, help="The scratch database.")
     parser.add_argument("--markdown", default="BENCHMARKS.md", help="The report to update.")
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the file system ``path`` is on (``ext4``, ``tmpfs``), from /proc/mounts."""
+    best, kind = "", "unknown"
+    resolved = str(path.resolve())
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            mount = parts[1]
+            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) > len(best):
+                best, kind = mount, parts[2]
+    except OSError:
+        pass
+    return kind
