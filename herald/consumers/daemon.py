@@ -145,7 +145,12 @@ class Daemon:
             sequencer_thread = threading.Thread(
                 target=run_sequencer,
                 args=(self.engine, sequencer_stop),
-                kwargs={"poll_interval": self._sequencer_poll, "sequencer": self.sequencer},
+                kwargs={
+                    "poll_interval": self._sequencer_poll,
+                    "sequencer": self.sequencer,
+                    # This process's consumers wake at once, not when the NOTIFY is back.
+                    "on_ordered": self._wake_all,
+                },
                 name="herald-sequencer",
                 daemon=True,
             )
@@ -187,8 +192,7 @@ class Daemon:
                     # Short waits: a NOTIFY ends one at once, and a stop request is
                     # seen within a quarter of a second.
                     if session.wait(min(timeout, 0.25)):
-                        for wake in self._wakes.values():
-                            wake.set()
+                        self._wake_all()
                 else:
                     self._stop.wait(timeout)
         except _SessionLost:
@@ -199,6 +203,10 @@ class Daemon:
             if session is not None:
                 self._stop_runners(session=session)
                 session.close()
+
+    def _wake_all(self) -> None:
+        for wake in list(self._wakes.values()):
+            wake.set()
 
     def _claim(self, session: _Session | None) -> None:
         for consumer in self.consumers:

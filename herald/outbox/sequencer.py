@@ -10,9 +10,12 @@ into ``herald_log`` rows, by snapshot difference (PgQ's method):
    was not in ``prev``, ordered by ``(tx, position)``;
 3. store ``now`` and the newest seq, NOTIFY once, commit.
 
-An idle cycle costs one read (``pg_current_snapshot()``, compared with the
-last one seen) and writes nothing. On SQLite there is nothing to do: the
-writer orders its own events (see :mod:`herald.outbox.append`).
+The steps run on the server, in the function ``herald_sequence_v1()``
+(migration 0005, which spells out why this order is exact): a cycle is one
+round trip. An idle cycle costs one read (``pg_current_snapshot()``,
+compared with the last one seen) and writes nothing. On SQLite there is
+nothing to do: the writer orders its own events (see
+:mod:`herald.outbox.append`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -33,9 +37,6 @@ from herald.schema.queries import query
 __all__ = ["CycleStats", "Sequencer", "run_sequencer"]
 
 log = logging.getLogger("herald.sequencer")
-
-#: A snapshot before every transaction: "everything is newer than this".
-_ORIGIN = "1:1:"
 
 #: SQLSTATE insufficient_privilege: the role may read the log but not order it.
 _INSUFFICIENT_PRIVILEGE = "42501"
@@ -89,22 +90,14 @@ class Sequencer:
                 # No transaction anywhere has finished since the last look.
                 conn.rollback()
                 return 0
-            prev, _ = conn.execute(query("sequencer_state")).one()
-            pending = conn.execute(query("sequencer_pending"), _bounds(prev, now)).scalar_one()
-            conn.rollback()
-            if not pending:
-                self._seen = now
-                return 0
-            if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
-                # The daemon's own connection looks without a transaction (one
-                # statement per idle check, no BEGIN/ROLLBACK); ordering needs one.
-                conn.execution_options(isolation_level=conn.default_isolation_level)
-                try:
-                    count = self._order(conn)
-                finally:
-                    conn.execution_options(isolation_level="AUTOCOMMIT")
-            else:
-                count = self._order(conn)
+            # One call does the rest on the server (herald_sequence_v1, migration
+            # 0005, where the ordering argument is written out): look whether anything
+            # committed since the stored snapshot, and if so lock the state, order the
+            # new events, store the snapshot and NOTIFY, in the call's transaction (on
+            # the daemon's connection, which looks without a transaction, the
+            # statement's own).
+            count, newest = conn.execute(query("sequence")).one()
+            conn.commit()
         except sa_exc.SQLAlchemyError as exc:
             if sqlstate(exc) != _INSUFFICIENT_PRIVILEGE:
                 raise translate(exc) from exc
@@ -114,56 +107,16 @@ class Sequencer:
             reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"])[0]
             log.debug("this role may not order the log (%s); reading what is ordered", reason)
             return 0
+        if not count:
+            # Nothing new up to `now`: the next look is a single read until another
+            # transaction finishes.
+            self._seen = now
+            return 0
         self.stats.cycles += 1
         self.stats.sequenced += count
+        self.stats.last_seq = newest
         self.stats.last_cycle_seconds = time.perf_counter() - started
-        return count
-
-    def _order(self, conn: sa.Connection) -> int:
-        with conn.begin():
-            prev, last_seq = conn.execute(query("sequencer_state_for_update")).one()
-            # `now` is taken after the row lock: a cycle that waited for another
-            # one sees its stored snapshot as `prev` and starts where it stopped.
-            now = conn.execute(query("current_snapshot")).scalar_one()
-            # THE ORDERING ARGUMENT. A bigserial `position` is drawn when a row
-            # is inserted but becomes visible when its transaction commits, so
-            # position 101 can appear after 102 (Hydra #496): a reader of
-            # `position > offset` would skip 101 forever. The log's order is
-            # therefore not the position but the moment of visibility: an
-            # event gets a seq in the first cycle whose snapshot `now` sees its
-            # transaction as committed. `tx >= xmax(prev) OR tx IN xip(prev)`
-            # is exactly "not yet visible in prev" (anything below xmin(prev)
-            # and not in xip(prev) had finished, and was ordered then), and
-            # pg_visible_in_snapshot(tx, now) is "visible now". Every event's
-            # transaction is visible in exactly one (prev, now] interval, so
-            # it is ordered exactly once; rolled-back transactions are never
-            # visible, so their rows are never ordered. A transaction held
-            # open for minutes stays in xip of every snapshot meanwhile: the
-            # events committed around it are ordered and readable at once, and
-            # its own events get seqs after theirs when it commits. The cycle
-            # stores `now` in the same transaction as the rows it orders, so a
-            # sequencer killed at any point either ordered a range or did not,
-            # and its successor continues from the last committed snapshot.
-            # Within a cycle, events are ordered by (tx, position): one
-            # writer's transactions get increasing xids, so its events keep
-            # their commit order.
-            count = conn.execute(
-                query("sequence_new_events"), {**_bounds(prev, now), "last_seq": last_seq}
-            ).rowcount
-            if count:
-                conn.execute(query("sequencer_advance"), {"now": now, "last_seq": last_seq + count})
-                conn.execute(query("sequencer_notify"), {"last_seq": last_seq + count})
-                self.stats.last_seq = last_seq + count
-        return count
-
-
-def _bounds(prev: str | None, now: str) -> dict[str, str]:
-    """The parameters that say "visible in now, not in prev"."""
-    prev = prev or _ORIGIN
-    # pg_snapshot's text form is "xmin:xmax:xip,xip,..."; the in-progress list
-    # goes in as an array literal so that the planner can estimate it.
-    xip = prev.split(":")[2]
-    return {"prev": prev, "now": now, "xip": "{" + xip + "}"}
+        return int(count)
 
 
 def _try_lock(conn: sa.Connection) -> bool:
@@ -182,6 +135,7 @@ def run_sequencer(
     standby_interval: float = 1.0,
     on_active: threading.Event | None = None,
     sequencer: Sequencer | None = None,
+    on_ordered: Callable[[], None] | None = None,
 ) -> None:
     """Run the sequencer until ``stop`` is set (PostgreSQL; returns at once on SQLite).
 
@@ -190,6 +144,8 @@ def run_sequencer(
     1 ms right after a cycle that found work, doubling to ``poll_interval``
     while idle. A broken connection or a restarted server is retried with
     exponential backoff (tenacity); the lock is re-elected on reconnect.
+    ``on_ordered`` is called after every cycle that ordered events: readers in
+    the same process wake without waiting for the NOTIFY to come back.
     """
     if engine.dialect.name != "postgresql":
         return
@@ -212,6 +168,8 @@ def run_sequencer(
                 interval = 0.001
                 while not stop.is_set():
                     if seq.cycle(conn):
+                        if on_ordered is not None:
+                            on_ordered()
                         interval = 0.001
                         continue
                     if not seq.may_order:

@@ -1,7 +1,7 @@
 """The named PostgreSQL queries of ``sql/queries.sql``, loaded once into a dict.
 
 A block starts with ``-- name --`` and a one-line comment saying what it is
-for. Queries are looked up by name (``QUERIES["sequence_new_events"]``) and
+for. Queries are looked up by name (``QUERIES["read_page"]``) and
 executed with bound parameters only.
 """
 

@@ -79,6 +79,9 @@ APPEND_FUNCTION: Final = "herald_append(text, jsonb, text, text, text, timestamp
 #: The append-only trigger function (0001_log, replaced by 0004_operations).
 REFUSE_FUNCTION: Final = "herald_refuse_change()"
 
+#: The sequencer's cycle (0005_sequence_function): the daemon's to call.
+SEQUENCE_FUNCTION: Final = "herald_sequence_v1()"
+
 #: The sequences of herald's bigserial columns (PostgreSQL names them table_column_seq).
 EVENTS_SEQUENCE: Final = f"{events.name}_position_seq"
 DELIVERIES_SEQUENCE: Final = f"{deliveries.name}_id_seq"
@@ -250,7 +253,7 @@ def role_statements(prefix: str = DEFAULT_PREFIX) -> list[str]:
     statements += [f"ALTER TABLE {_ident(table)} OWNER TO {owner}" for table in TABLES]
     statements += [
         f"ALTER FUNCTION {function} OWNER TO {owner}"
-        for function in (APPEND_FUNCTION, REFUSE_FUNCTION)
+        for function in (APPEND_FUNCTION, REFUSE_FUNCTION, SEQUENCE_FUNCTION)
     ]
     # Start from nothing: what earlier runs (or hands) granted, and PUBLIC's
     # EXECUTE on functions (PostgreSQL's default).
@@ -260,6 +263,7 @@ def role_statements(prefix: str = DEFAULT_PREFIX) -> list[str]:
         f"REVOKE ALL ON TABLE {all_tables} FROM {grantees}",
         f"REVOKE ALL ON SEQUENCE {', '.join(map(_ident, SEQUENCES))} FROM {grantees}",
         f"REVOKE ALL ON FUNCTION {APPEND_FUNCTION} FROM {grantees}",
+        f"REVOKE ALL ON FUNCTION {SEQUENCE_FUNCTION} FROM {grantees}",
     ]
     # writer
     statements += _grants(WRITER_TABLES, names["writer"])
@@ -273,6 +277,7 @@ def role_statements(prefix: str = DEFAULT_PREFIX) -> list[str]:
         f"GRANT USAGE ON SEQUENCE {_ident(DELIVERIES_SEQUENCE)}, "
         f"{_ident(OPERATIONS_SEQUENCE)} TO {daemon}"
     )
+    statements.append(f"GRANT EXECUTE ON FUNCTION {SEQUENCE_FUNCTION} TO {daemon}")
     # auditor
     statements.append(f"GRANT SELECT ON TABLE {all_tables} TO {auditor}")
     return statements

@@ -50,6 +50,7 @@ pytestmark = pytest.mark.postgresql
 #: The parts, and the suffix of the login role created for each.
 LOGINS = {"owner": "o", "writer": "w", "daemon": "d", "auditor": "a", "nobody": "n"}
 APPEND = "herald_append(text, jsonb, text, text, text, timestamptz)"
+SEQUENCE_FUNCTION = "herald_sequence_v1()"
 TABLES = sorted([*metadata.tables, "alembic_version"])
 PROJECTIONS = [
     "herald_evaluations",
@@ -258,11 +259,16 @@ def test_every_role_has_exactly_its_privileges(roles: Roles) -> None:
             conn.execute(
                 sa.text(
                     "SELECT proname, proowner::regrole::text FROM pg_proc "
-                    "WHERE proname IN ('herald_append', 'herald_refuse_change')"
+                    "WHERE proname IN ('herald_append', 'herald_refuse_change', "
+                    "'herald_sequence_v1')"
                 )
             ).all()
         )
-        assert functions == {"herald_append": owner, "herald_refuse_change": owner}
+        assert functions == {
+            "herald_append": owner,
+            "herald_refuse_change": owner,
+            "herald_sequence_v1": owner,
+        }
         assert conn.execute(
             sa.text(
                 "SELECT rolname FROM pg_roles WHERE rolname LIKE :p AND rolcanlogin ORDER BY 1"
@@ -280,6 +286,9 @@ def test_every_role_has_exactly_its_privileges(roles: Roles) -> None:
         assert conn.execute(
             sa.text("SELECT proacl::text[] FROM pg_proc WHERE proname = 'herald_append'")
         ).scalar_one() == [f"{owner}=X/{owner}", f"{roles.role('writer')}=X/{owner}"]
+        assert conn.execute(
+            sa.text("SELECT proacl::text[] FROM pg_proc WHERE proname = 'herald_sequence_v1'")
+        ).scalar_one() == [f"{owner}=X/{owner}", f"{roles.role('daemon')}=X/{owner}"]
 
         def may(function: str, *args: str) -> bool:
             placeholders = ", ".join(f":a{i}" for i in range(len(args)))
@@ -297,6 +306,8 @@ def test_every_role_has_exactly_its_privileges(roles: Roles) -> None:
                 usage = may("has_sequence_privilege", grantee, sequence, "USAGE")
                 assert usage == (sequence in SEQUENCE_USAGE[part]), (part, sequence)
             assert may("has_function_privilege", grantee, APPEND, "EXECUTE") == (part == "writer")
+            ordering = may("has_function_privilege", grantee, SEQUENCE_FUNCTION, "EXECUTE")
+            assert ordering == (part == "daemon"), part
             assert not may("has_schema_privilege", grantee, "public", "CREATE"), part
         for p in PRIVILEGES:
             assert may("has_table_privilege", owner, "herald_events", p)
@@ -329,6 +340,7 @@ def test_the_script_is_the_statements_in_one_transaction() -> None:
     assert all(statement + ";" in text for statement in statements)
     assert "CREATE ROLE acme_owner NOLOGIN" in text
     assert f"REVOKE ALL ON FUNCTION {APPEND} FROM PUBLIC" in text
+    assert f"REVOKE ALL ON FUNCTION {SEQUENCE_FUNCTION} FROM PUBLIC" in text
 
 
 @pytest.mark.parametrize("prefix", ["Bad-Name", "1herald", "", "herald;drop", "a" * 41, "hé"])
@@ -539,6 +551,7 @@ def test_the_auditor_reads_everything_and_writes_nothing(
     refused_by_herald(lambda: append_as(auditor, 4))
     for sql in (
         "SELECT herald_append('acme.tick', CAST('{}' AS jsonb))",
+        "SELECT * FROM herald_sequence_v1()",
         "INSERT INTO herald_log (seq, position) SELECT 3, max(position) FROM herald_events",
         "SELECT * FROM herald_sequencer FOR UPDATE",
         "UPDATE herald_sequencer SET last_seq = last_seq",

@@ -6,13 +6,9 @@
 -- Which transactions are finished right now. Costs no write and no xid.
 SELECT pg_current_snapshot()::text AS snapshot
 
--- sequencer_state --
--- The stored snapshot up to which events are ordered, and the newest seq.
-SELECT snapshot, last_seq FROM herald_sequencer WHERE id = 1
-
--- sequencer_state_for_update --
--- The same, locked: concurrent cycles (a daemon and a reader) run one after the other.
-SELECT snapshot, last_seq FROM herald_sequencer WHERE id = 1 FOR UPDATE
+-- sequence --
+-- One sequencer cycle (herald_sequence_v1, migration 0005): how many events it ordered, and the newest seq.
+SELECT ordered, newest FROM herald_sequence_v1()
 
 -- sequencer_try_lock --
 -- Elect the one active sequencer: a session lock, released when its connection ends.
@@ -21,48 +17,6 @@ SELECT pg_try_advisory_lock(:key) AS locked
 -- sequencer_unlock --
 -- Give up the sequencer's session lock (on a clean stop).
 SELECT pg_advisory_unlock(:key) AS unlocked
-
--- sequencer_pending --
--- How many events committed after the stored snapshot? A read, so an idle cycle writes nothing.
-SELECT count(*) AS pending FROM (
-    SELECT 1 FROM herald_events e
-    WHERE e.tx >= pg_snapshot_xmax(CAST(:prev AS pg_snapshot))
-      AND e.tx < pg_snapshot_xmax(CAST(:now AS pg_snapshot))
-      AND pg_visible_in_snapshot(e.tx, CAST(:now AS pg_snapshot))
-    UNION ALL
-    SELECT 1 FROM herald_events e
-    WHERE e.tx = ANY (CAST(:xip AS xid8[]))
-      AND pg_visible_in_snapshot(e.tx, CAST(:now AS pg_snapshot))
-) AS n
-
--- sequence_new_events --
--- Give the next seqs to the events whose transaction became visible between :prev and :now.
--- "Not visible in prev" is "tx >= xmax(prev)" or "tx in xip(prev)" (:xip, the list taken
--- from :prev by the caller, so the planner sees its values). xip(prev) < xmax(prev), so the
--- two branches never overlap, and each is an index scan on tx: as one OR, or with the list
--- as a subquery, the planner falls back to a sequential scan of the whole log.
-INSERT INTO herald_log (seq, position)
-SELECT :last_seq + row_number() OVER (ORDER BY n.tx, n.position), n.position
-FROM (
-    SELECT e.tx, e.position FROM herald_events e
-    WHERE e.tx >= pg_snapshot_xmax(CAST(:prev AS pg_snapshot))
-      AND e.tx < pg_snapshot_xmax(CAST(:now AS pg_snapshot))
-      AND pg_visible_in_snapshot(e.tx, CAST(:now AS pg_snapshot))
-    UNION ALL
-    SELECT e.tx, e.position FROM herald_events e
-    WHERE e.tx = ANY (CAST(:xip AS xid8[]))
-      AND pg_visible_in_snapshot(e.tx, CAST(:now AS pg_snapshot))
-) AS n
-
--- sequencer_advance --
--- Store the snapshot just ordered and the newest seq, in the same transaction as the order rows.
-UPDATE herald_sequencer
-SET snapshot = :now, last_seq = :last_seq, updated_at = now()
-WHERE id = 1
-
--- sequencer_notify --
--- Wake readers once per cycle. The payload (the newest seq) is a hint, never trusted.
-SELECT pg_notify('herald_log', CAST(:last_seq AS text))
 
 -- listen --
 -- Readers and consumers wait on the sequencer's channel.
