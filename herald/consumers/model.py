@@ -127,7 +127,8 @@ class Consumer:
     retry_max: float = 30.0
     #: an ephemeral event older than this (s) when the consumer reaches it is expired
     staleness: float = 300.0
-    #: how many events one read takes (offsets and records are committed per batch)
+    #: at most this many events are delivered and not yet committed (what a kill can
+    #: repeat); one read takes half of them, and records and offset are committed per read
     batch_size: int = 500
     #: the consumer's type, for `herald consumers` (``python`` for a function)
     type: str = "python"

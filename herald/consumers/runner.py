@@ -27,10 +27,14 @@ One :class:`Runner` thread per consumer a daemon has claimed, plus
   place, so a hung handler delays only its own build's events.
 
 Records and offset: each attempt becomes a :class:`~herald.consumers.store.Record`;
-the runner commits, in one transaction, the records of the longest finished
-prefix of the batch and the offset at its end (every ``commit_interval`` and
-when the batch is done). A kill loses at most the uncommitted part of one
-batch, which the next owner delivers again: the at-least-once duplicates.
+one transaction commits the records of the longest finished prefix of a page
+and the offset at its end (every ``commit_interval``, and when the page is
+done). Commits run in order on a thread of their own while the next page is
+delivered, so the database writes while the handler is called; a page is
+half a batch, and a page is delivered only once every page before the
+previous one is committed. A kill therefore repeats at most ``batch_size``
+events (the uncommitted pages), which the next owner delivers again: the
+at-least-once duplicates.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from operator import attrgetter
 from typing import Any, Literal, Protocol
 
@@ -67,12 +72,9 @@ _now = datetime.now
 #: past that it waits for one to return instead of starting more.
 MAX_ABANDONED = 8
 
-#: Progress commits: a batch's finished prefix is committed whenever another
-#: 1/PROGRESS_PARTS of the batch (at least PROGRESS_MIN events) has finished,
-#: besides every ``commit_interval``. The commits overlap the deliveries, so only
-#: the last part's commit waits at the end of a batch.
-PROGRESS_PARTS = 4
-PROGRESS_MIN = 50
+#: Commits a runner lets queue up before it reads again (the window bounds
+#: what is delivered; this bounds the memory of records waiting for the disk).
+MAX_PENDING = 4
 
 
 class Metrics(Protocol):
@@ -215,10 +217,6 @@ class _Batch:
         self.remaining = sum(1 for item in self.items if item.final is None)
         #: items handed to a worker and not yet settled
         self.busy = 0
-        #: the runner commits progress every so many finished items (0: only by time)
-        self.progress_every = 0
-        #: wake the runner when ``remaining`` falls to this
-        self.progress_at = -1
         self.stopping = False
         waiting, ready = self.waiting, self.ready
         for item in self.items:
@@ -395,9 +393,6 @@ class _Batch:
         if not self.remaining:
             self.cond.notify_all()
             self.watch.notify_all()
-        elif self.remaining <= self.progress_at:
-            self.progress_at -= self.progress_every
-            self.watch.notify()
 
     # -- the runner's side -------------------------------------------------------------
 
@@ -445,6 +440,92 @@ class _Worker(threading.Thread):
                 return
 
 
+class _Commits:
+    """A runner's commits, made in order on a thread of their own.
+
+    A page's records and offset are written while the next page is delivered:
+    the database works while the handler is called, instead of the handler
+    waiting for the database. Jobs run in the order they were handed in; the
+    first failure drops the rest (their events are delivered again after the
+    runner reloads its offset) and is raised to the runner by :meth:`wait`.
+    """
+
+    def __init__(self, name: str, on_error: Callable[[], None]) -> None:
+        self._name = name
+        #: called (on this thread) when a job fails: the runner stops its page at once
+        self._on_error = on_error
+        self._cond = threading.Condition()
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._running = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` after the jobs handed in before it (dropped after a failure)."""
+        with self._cond:
+            if self._error is not None:
+                return
+            self._jobs.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name=f"herald-{self._name}-commits", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def wait(self, until: Callable[[], bool] | None = None, pending: int = 0) -> None:
+        """Wait until at most ``pending`` jobs are left (or ``until()`` holds, checked
+        after each job); raise the first failure, once."""
+        with self._cond:
+            while (
+                self._error is None
+                and len(self._jobs) + self._running > pending
+                and not (until is not None and until())
+            ):
+                self._cond.wait()
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+
+    def settle(self) -> None:
+        """Wait for every job; forget a failure (the caller reads the database anew)."""
+        try:
+            self.wait()
+        except Exception as exc:  # noqa: BLE001 - the offset is read again right after
+            log.debug("consumer %s: a commit failed before a reload: %s", self._name, exc)
+
+    def close(self) -> None:
+        """Finish the jobs handed in, and end the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+                self._running = True
+            try:
+                job()
+            except BaseException as exc:  # noqa: BLE001 - raised to the runner by wait()
+                with self._cond:
+                    self._error = exc
+                    self._jobs.clear()
+                self._on_error()
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify_all()
+
+
 class Runner(threading.Thread):
     """Runs one consumer for a daemon that holds its claim, until stopped or the claim is lost."""
 
@@ -470,7 +551,18 @@ class Runner(threading.Thread):
         self.metrics: Metrics = metrics or NullMetrics()
         self.on_exit = on_exit
         self.stop_requested = threading.Event()
+        #: the last seq committed as finished (written by the commits' thread)
         self.offset = 0
+        #: where the next page starts: the offset, plus what is handed to the commits
+        self.position = 0
+        #: events one read takes: half a batch, so that two pages in flight (one
+        #: delivered, one being committed) are at most a batch
+        self.page_size = max(1, consumer.batch_size // 2)
+        #: the start of the page delivered last: the next page waits for its commit
+        self._previous_start = 0
+        #: a commit found the consumer reset (the offset is the operator's now)
+        self._stale = False
+        self._commits = _Commits(consumer.name, self._abort)
         #: the consumer's epoch when its offset was read (a reset bumps it)
         self.epoch = 0
         self.control = -1
@@ -504,6 +596,16 @@ class Runner(threading.Thread):
         with self._batch_changed:
             self._batch_changed.notify_all()
 
+    def _abort(self) -> None:
+        """A commit failed: no more events of the page in flight are started (a build's
+        next event must not go out before its earlier one is delivered again)."""
+        batch = self._batch
+        if batch is not None:
+            with batch.cond:
+                batch.stopping = True
+                batch.cond.notify_all()
+                batch.watch.notify_all()
+
     def wait_for_batch(self, worker: _Worker) -> _Batch | None:
         with self._batch_changed:
             while True:
@@ -521,7 +623,11 @@ class Runner(threading.Thread):
         error: BaseException | None = None
         try:
             self._start_workers()
-            self._loop()
+            try:
+                self._loop()
+                self._drain()
+            finally:
+                self._commits.close()
         except LostClaim as exc:
             log.warning("%s", exc)
             error = exc
@@ -536,6 +642,16 @@ class Runner(threading.Thread):
                 self._batch_changed.notify_all()
             if self.on_exit is not None:
                 self.on_exit(self, error)
+
+    def _drain(self) -> None:
+        """Stopped: what was delivered is committed before the claim is given up."""
+        try:
+            with translated():
+                self._commits.wait()
+        except TransientDatabaseError as exc:
+            # The session is gone (the daemon stops its consumers to reconnect): the
+            # uncommitted events are delivered again by whoever claims the consumer.
+            log.warning("consumer %s: the last commit failed: %s", self.consumer.name, exc)
 
     def _start_workers(self) -> None:
         with self._batch_changed:
@@ -575,11 +691,13 @@ class Runner(threading.Thread):
 
     def _load(self) -> None:
         self._prefetched = None
+        self._commits.settle()
         with self.engine.connect() as conn:
             row = store.consumer_row(conn, self.consumer.name)
             if row is None or row.owner != self.token:
                 raise LostClaim(self.consumer.name)
-            self.offset = row.offset
+            self.offset = self.position = self._previous_start = row.offset
+            self._stale = False
             self.epoch = row.epoch
             # Not the row's control: requests made while no daemon ran the consumer
             # are read at the first step.
@@ -593,8 +711,9 @@ class Runner(threading.Thread):
         self.metrics.committed(self.consumer.name, self.offset)
 
     def _step(self) -> bool:
-        """Deliver one batch; True if the log had nothing more (wait for a wake-up)."""
+        """Deliver one page; True if the log had nothing more (wait for a wake-up)."""
         consumer = self.consumer
+        self._commits.wait(pending=MAX_PENDING)  # raises what a commit met
         with self.engine.connect() as conn:
             row = store.consumer_row(conn, consumer.name)
             if row is None or row.owner != self.token:
@@ -604,27 +723,37 @@ class Runner(threading.Thread):
                 log.warning(
                     "consumer %s was reset: offset %d -> %d", consumer.name, self.offset, row.offset
                 )
-                self._prefetched = None
                 self._load()
                 return False
-            requests = None
-            if row.control != self.control:
+            control = row.control
+            page = None if control != self.control else self._page(conn)
+            conn.rollback()
+        requests = None
+        if page is None:
+            # An operator's request: the parked events as the database has them, once
+            # the commits in flight (which may park more) have landed.
+            self._commits.wait()
+            with self.engine.connect() as conn:
                 self.blocked = store.parked_heads(conn, consumer.name)
                 requests = store.redeliver_requests(conn, consumer.name)
-                self.control = row.control
-            page = self._prefetched
-            if page is None or self._prefetched_after != self.offset:
-                page = read_page(conn, self.offset, consumer.batch_size, consumer.topic_filter)
-            self._prefetched = None
-            conn.rollback()
+                self.control = control
+                page = self._page(conn)
+                conn.rollback()
         if requests:
             self._redeliver(requests)
         if page.entries:
             self._deliver_page(page.entries, page.next_after)
-        elif page.next_after > self.offset:
+        elif page.next_after > self.position:
             # Only other consumers' topics since the offset: move past them.
-            self._commit(page.next_after, [], [])
+            self._submit(page.next_after, [], [])
         return page.at_head
+
+    def _page(self, conn: sa.Connection) -> Page:
+        """The page at the position: the one read ahead, if it starts there."""
+        page, self._prefetched = self._prefetched, None
+        if page is not None and self._prefetched_after == self.position:
+            return page
+        return read_page(conn, self.position, self.page_size, self.consumer.topic_filter)
 
     def _items(self, entries: Sequence[LogEntry]) -> list[_Item]:
         items = _items(self.consumer, entries)
@@ -661,23 +790,16 @@ class Runner(threading.Thread):
         """Hand ``batch`` to the workers; watch deadlines; commit progress as it comes.
 
         ``on_start`` runs in this thread once the workers have the batch (the
-        next page is read meanwhile). ``on_progress`` runs every
-        ``commit_interval`` and whenever another ``progress_every`` events have
-        finished, while the workers go on: the records reach the database while
-        the handler is being called, not after the batch.
+        next page is read meanwhile); ``on_progress`` every ``commit_interval``.
         """
         with self._batch_changed:
             self._batch = batch
             self._batch_changed.notify_all()
         last_commit = time.monotonic()
-        if on_progress is not None:
-            batch.progress_every = max(PROGRESS_MIN, len(batch.items) // PROGRESS_PARTS)
-            batch.progress_at = batch.remaining - batch.progress_every
         try:
             if on_start is not None:
                 on_start()
             with batch.cond:
-                committed_at = batch.remaining
                 while batch.remaining and not (batch.stopping and not batch.busy):
                     if self.stop_requested.is_set() and not batch.stopping:
                         batch.stopping = True
@@ -691,11 +813,7 @@ class Runner(threading.Thread):
                     batch.watch.wait(max(0.001, until - current))
                     if batch.overdue():
                         self._replace_abandoned()
-                    due = time.monotonic() - last_commit >= self.commit_interval
-                    if on_progress and (
-                        due or committed_at - batch.remaining >= batch.progress_every
-                    ):
-                        committed_at = batch.remaining
+                    if on_progress and time.monotonic() - last_commit >= self.commit_interval:
                         batch.cond.release()
                         try:
                             on_progress(batch)
@@ -742,9 +860,16 @@ class Runner(threading.Thread):
                 )
 
     def _deliver_page(self, entries: Sequence[LogEntry], next_after: int) -> None:
+        start, previous = self.position, self._previous_start
+        # The window: this page is delivered once everything before the previous
+        # page is committed, so at most two pages (a batch) are uncommitted.
+        self._commits.wait(until=lambda: self.offset >= previous or self._stale)
+        if self._stale:
+            return  # reset meanwhile: the next step reads the operator's offset
+        self._previous_start = start
         items = self._items(entries)
         batch = _Batch(self.consumer, items, self.blocked, "live", self.metrics)
-        committed = 0  # how many items (a prefix) are committed
+        committed = 0  # how many items (a prefix) are handed to the commits
 
         def progress(batch: _Batch) -> None:
             nonlocal committed
@@ -756,34 +881,34 @@ class Runner(threading.Thread):
                 return
             prefix = batch.items[committed:done]
             offset = next_after if done == len(batch.items) else prefix[-1].seq
-            self._commit(offset, prefix, [i.parked for i in prefix if i.parked is not None])
+            self._submit(offset, prefix, [i.parked for i in prefix if i.parked is not None])
             committed = done
 
         prefetch = None
-        if len(entries) == self.consumer.batch_size:
+        if len(entries) == self.page_size:
             # A full page: more is waiting. Read it while this one is delivered (the
             # database works while the handler is called); the next step takes it if
-            # this batch ends where it begins.
+            # this page ends where it begins.
             def prefetch() -> None:
                 self._prefetch(next_after)
 
         self._run(batch, progress, prefetch)
         progress(batch)
-        if committed == len(batch.items) and self.offset < next_after:
-            self._commit(next_after, [], [])
+        if committed == len(batch.items) and self.position < next_after:
+            self._submit(next_after, [], [])
         rest = [item for item in batch.items[committed:] if item.records]
         if rest:
-            # A stop came before the batch was done: the offset stays before the first
+            # A stop came before the page was done: the offset stays before the first
             # unfinished event, but what happened after it is kept (every attempt's
             # record, and the parked events), so the next run does not deliver the
             # finished ones again.
-            self._commit(self.offset, rest, [i.parked for i in rest if i.parked is not None])
+            self._submit(self.position, rest, [i.parked for i in rest if i.parked is not None])
 
     def _prefetch(self, after: int) -> None:
         self._prefetched = None
         try:
             with self.engine.connect() as conn, translated():
-                page = read_page(conn, after, self.consumer.batch_size, self.consumer.topic_filter)
+                page = read_page(conn, after, self.page_size, self.consumer.topic_filter)
                 conn.rollback()
         except TransientDatabaseError as exc:
             # Only a head start: the next step reads it again (and meets the error, if
@@ -792,9 +917,15 @@ class Runner(threading.Thread):
             return
         self._prefetched, self._prefetched_after = page, after
 
+    def _submit(self, offset: int, items: Sequence[_Item], parked: Sequence[ParkedRow]) -> None:
+        """Hand a commit to the commits' thread; reading goes on from ``offset``."""
+        self.position = offset
+        self._commits.submit(partial(self._commit, offset, items, parked))
+
     def _commit(self, offset: int, items: Sequence[_Item], parked: Sequence[ParkedRow]) -> None:
+        # On the commits' thread, in order: self.offset is the last one committed.
         records = [record for item in items for record in item.records]
-        with self.engine.connect() as conn:
+        with translated(), self.engine.connect() as conn:
             moved = store.commit_batch(
                 conn,
                 self.consumer.name,
@@ -808,11 +939,14 @@ class Runner(threading.Thread):
         if moved:
             self.offset = offset
             self.metrics.committed(self.consumer.name, offset)
-        # Otherwise an operator reset the consumer: the batch in flight is recorded
-        # all the same, and the next step reads the new offset.
+        else:
+            # An operator reset the consumer: the pages in flight are recorded all the
+            # same, and the next step reads the new offset.
+            self._stale = True
 
     def _redeliver(self, requests: Sequence[tuple[ParkedRow, LogEntry]]) -> None:
-        """Deliver the parked events an operator asked for, in seq order per build."""
+        """Deliver the parked events an operator asked for, in seq order per build
+        (the live commits have landed: the caller waited for them)."""
         keys = {row.key for row, _ in requests if row.key is not None}
         for key in keys:
             self.blocked.pop(key, None)
