@@ -33,10 +33,12 @@ Messages (Harbormaster's rules, ``../shared/seeds/``):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from hashlib import sha1
 from typing import Any, Final, Literal, TypedDict
-from uuid import NAMESPACE_URL, UUID, uuid5
+from uuid import NAMESPACE_URL, UUID
 
 from eventsourcing.domain import Aggregate, event
+from eventsourcing.utils import get_topic
 
 from herald.errors import InvalidTransition, UsageError
 
@@ -91,6 +93,9 @@ MESSAGE_TYPES: Final[tuple[MessageType, ...]] = ("pass", "fail", "work")
 MessageState = Literal["pending", "applied", "ignored", "stale"]
 MESSAGE_STATES: Final[tuple[MessageState, ...]] = ("pending", "applied", "ignored", "stale")
 
+#: The namespace of builds' aggregate ids (uuid5), as bytes.
+_URL_NAMESPACE: Final = NAMESPACE_URL.bytes
+
 _MESSAGE_TYPE_OF: Final[dict[str, MessageType]] = {name: name for name in MESSAGE_TYPES}
 #: The build status a decisive message finishes a waiting build with.
 _MESSAGE_STATUS: Final[dict[str, int]] = {"pass": 0, "fail": 1}
@@ -118,13 +123,21 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# The checks run for every build an evaluation adds (tens of thousands at once),
+# so the usual case (a plain int, a plain str) is decided by its exact type first.
+
+
 def _check_build_id(name: str, value: object) -> int:
+    if type(value) is int and value >= 1:
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"{name} must be a positive integer, not {value!r}")
     return value
 
 
 def _check_text(name: str, value: object) -> str:
+    if type(value) is str and value:
+        return value
     if not isinstance(value, str) or not value:
         raise UsageError(f"{name} must be a non-empty string, not {value!r}")
     return value
@@ -150,11 +163,14 @@ def unwaited_reason(status: int | None) -> str:
 
 def _check_ids(name: str, values: object, build_id: int) -> list[int]:
     """A list of distinct build ids, none of them ``build_id`` itself."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    if not isinstance(values, (list, tuple)) and (
+        isinstance(values, (str, bytes)) or not isinstance(values, Sequence)
+    ):
         raise UsageError(f"{name} must be a list of build ids, not {values!r}")
     seen: set[int] = set()
     for value in values:
-        _check_build_id(f"each of {name}", value)
+        if type(value) is not int or value < 1:
+            _check_build_id(f"each of {name}", value)
         if value == build_id:
             raise UsageError(f"{name} of build {build_id} must not contain the build itself")
         if value in seen:
@@ -278,8 +294,16 @@ class Build(Aggregate):
 
     @staticmethod
     def create_id(build_id: int, *_: Any, **__: Any) -> UUID:
-        """The aggregate id of Hydra build ``build_id``: the same on every writer."""
-        return uuid5(NAMESPACE_URL, f"herald:build:{build_id}")
+        """The aggregate id of Hydra build ``build_id``: the same on every writer.
+
+        ``uuid5(NAMESPACE_URL, f"herald:build:{build_id}")``, computed as
+        :func:`uuid.uuid5` does, without its per-call import and namespace
+        conversion (half its time, and this runs for every build an
+        evaluation adds).
+        """
+        name = f"herald:build:{build_id}".encode()
+        digest = sha1(_URL_NAMESPACE + name, usedforsecurity=False).digest()
+        return UUID(bytes=digest[:16], version=5)
 
     @classmethod
     def id_for(cls, build_id: int) -> UUID:
@@ -316,6 +340,51 @@ class Build(Aggregate):
         self.steps: dict[int, StepInfo] = {}
         self.messages: dict[str, MessageInfo] = {}
         self.substituted: bool = False
+
+    @classmethod
+    def queue(
+        cls,
+        build_id: int,
+        jobset_id: int,
+        job: str,
+        drv_path: str,
+        system: str,
+        priority: int = 100,
+        dependencies: Sequence[int] = (),
+    ) -> Build:
+        """A new queued build: exactly what ``Build(...)`` makes (the same checks, the
+        same state, its ``Queued`` event pending), at a third of the cost.
+
+        For evaluations that add tens of thousands of builds. ``Build(...)``
+        spends most of its time in the library's generic handling of the
+        call (matching arguments to parameters, twice, by name); this makes
+        the event with its fields given and applies it the way the library
+        applies a "created" event (``CanInitAggregate.mutate``): the base
+        attributes, then ``__init__`` with the event's arguments, whose
+        checks raise before the event is recorded.
+        """
+        originator_id = cls.create_id(build_id)
+        timestamp = cls.Queued.create_timestamp()
+        build = cls.__new__(cls)
+        build.__base_init__(originator_id, cls.INITIAL_VERSION, timestamp)
+        cls.__init__(build, build_id, jobset_id, job, drv_path, system, priority, dependencies)
+        # The metaclass makes each event class a dataclass; mypy cannot see its fields.
+        queued: Any = cls.Queued
+        created = queued(
+            originator_topic=_BUILD_TOPIC,
+            originator_id=originator_id,
+            originator_version=cls.INITIAL_VERSION,
+            timestamp=timestamp,
+            build_id=build_id,
+            jobset_id=jobset_id,
+            job=job,
+            drv_path=drv_path,
+            system=system,
+            priority=priority,
+            dependencies=dependencies,
+        )
+        build.pending_events.append(created)
+        return build
 
     # -- queries ----------------------------------------------------------------------
 
@@ -662,3 +731,7 @@ class Build(Aggregate):
         generation: int,
     ) -> None:
         self.messages[message_id]["state"] = "applied"
+
+
+#: The topic the library records a build's "created" event with (its class's path).
+_BUILD_TOPIC: Final = get_topic(Build)

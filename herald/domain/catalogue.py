@@ -201,6 +201,8 @@ def is_custom_topic(topic: str) -> bool:
 
 def validate_topic(topic: object) -> str:
     """Return ``topic`` if it may be appended, else raise :class:`InvalidTopic`."""
+    if type(topic) is str and topic in CATALOGUE:
+        return topic  # the catalogue's own names follow the rules
     if not isinstance(topic, str):
         raise InvalidTopic(topic, "must be a string")
     if not topic:
@@ -283,22 +285,29 @@ def _delivery_rule(name: str, payload: dict[str, Any], delivery: str | None) -> 
 #: (an odd number means the backslash itself was escaped: the text "\\u0000").
 _NUL: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
+# One encoder for every payload: json.dumps() with options builds a new one per call.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
 
 def _payload_json(name: str, payload: dict[str, Any]) -> str:
     """The compact JSON text that will be stored, within the size limit."""
     try:
-        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _ENCODER.encode(payload)
     except (TypeError, ValueError) as exc:
         raise InvalidPayload(name, f"not serialisable as JSON: {exc}") from exc
-    if _NUL.search(text):
+    if "\\u0000" in text and _NUL.search(text):
         # PostgreSQL's jsonb cannot store NUL characters; refuse them everywhere alike.
         raise InvalidPayload(name, "contains a NUL character (\\u0000)")
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise InvalidPayload(
-            name, "contains text that is not valid Unicode (a lone surrogate)"
-        ) from exc
+    if text.isascii():
+        # Most payloads: one byte a character, and no lone surrogate.
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise InvalidPayload(
+                name, "contains text that is not valid Unicode (a lone surrogate)"
+            ) from exc
     if size > MAX_PAYLOAD_BYTES:
         raise PayloadTooLarge(name, size, MAX_PAYLOAD_BYTES)
     return text

@@ -85,21 +85,28 @@ def _json_value(value: object) -> object:
     return value
 
 
+#: What an attribute value of an event may be to go into a payload as it is.
+_PLAIN: Final = frozenset({int, str, bool, float, type(None)})
+
+
 def to_log(event: Any) -> LogEvent:
     """The log event for one domain event of :class:`Build` or :class:`Evaluation`.
 
     Raises :class:`~herald.errors.UsageError` for any other object.
     """
-    topic = _topic_of(event)
+    topic = TOPICS.get(type(event)) or _topic_of(event)
+    attributes = vars(event)
     payload = {
-        name: _json_value(value) for name, value in vars(event).items() if name not in _BOOKKEEPING
+        name: value if type(value) in _PLAIN else _json_value(value)
+        for name, value in attributes.items()
+        if name not in _BOOKKEEPING
     }
     return LogEvent(
-        topic=topic,
-        payload=payload,
-        aggregate_id=str(event.originator_id),
-        aggregate_version=event.originator_version,
-        occurred_at=event.timestamp,
+        topic,
+        payload,
+        str(attributes["originator_id"]),
+        attributes["originator_version"],
+        attributes["timestamp"],
     )
 
 
