@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from functools import cache
+from typing import Any, Final
 
 import psycopg
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
+from psycopg.types.string import BytesBinaryDumper
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -39,7 +41,16 @@ from herald.errors import InvalidPayload, VersionConflict
 from herald.schema import events, log_order
 from herald.schema.dberrors import translate
 
-__all__ = ["NewEvent", "Writer", "append", "append_many"]
+__all__ = [
+    "COPY_MIN_ROWS",
+    "CopyRows",
+    "NewEvent",
+    "Writer",
+    "append",
+    "append_many",
+    "copy_rows",
+    "prepare_copy",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,17 +92,48 @@ def append(
     return append_many(conn, [event])[0]
 
 
-def append_many(conn: Writer, new_events: Iterable[NewEvent]) -> list[int]:
+def append_many(
+    conn: Writer,
+    new_events: Iterable[NewEvent],
+    *,
+    while_writing: Callable[[], object] | None = None,
+) -> list[int]:
     """Append events in ``conn``'s transaction, in order; returns their positions.
 
     A duplicate dedupe key (in the log already, or earlier in the same call)
     returns the position of the event that has it.
+
+    ``while_writing``, if given, is called once: on PostgreSQL, for a long
+    run of events, when their rows have been sent and the server is still
+    writing them (the COPY's end waits for it); otherwise after the rows are
+    written. Work that needs no database done there overlaps with the
+    server's (the unit of work plans its projection rows there). It is not
+    called if the events are refused first.
     """
-    rows = [_row(event) for event in new_events]
+    rows: list[dict[str, Any]] = []
+    texts: list[str] = []
+    for event in new_events:
+        row, text = _row(event)
+        rows.append(row)
+        texts.append(text)
+    pending = [while_writing] if while_writing is not None else []
     if not rows:
-        return []
-    if isinstance(conn, psycopg.Connection):
-        return _append_psycopg(conn, rows)
+        positions: list[int] = []
+    elif isinstance(conn, psycopg.Connection):
+        positions = _append_psycopg(conn, rows, texts, pending)
+    else:
+        positions = _append_sqlalchemy(conn, rows, texts, pending)
+    for callback in pending:
+        callback()
+    return positions
+
+
+def _append_sqlalchemy(
+    conn: sa.Connection | Session,
+    rows: list[dict[str, Any]],
+    texts: list[str],
+    pending: list[Callable[[], object]],
+) -> list[int]:
     connection = conn.connection() if isinstance(conn, Session) else conn
     dialect = connection.dialect.name
     if dialect == "sqlite":
@@ -102,37 +144,60 @@ def append_many(conn: Writer, new_events: Iterable[NewEvent]) -> list[int]:
     positions: list[int] = []
     first_new: int | None = None
     try:
-        for deduped, run in _runs(rows):
-            found, new = insert(connection, run, deduped=deduped)
+        for deduped, start, stop in _runs(rows):
+            run = rows[start:stop]
+            if dialect == "postgresql" and not deduped and len(run) >= COPY_MIN_ROWS:
+                with driver_connection(connection).cursor() as cur:
+                    found = new = _copy_postgresql(cur, run, texts[start:stop], pending)
+            else:
+                found, new = insert(connection, run, texts[start:stop], deduped=deduped)
             positions.extend(found)
             if new and first_new is None:
                 first_new = min(new)
         if dialect == "sqlite" and first_new is not None:
             _order_on_sqlite(connection, first_new)
-    except sa_exc.IntegrityError as exc:
+    except (sa_exc.IntegrityError, psycopg.errors.UniqueViolation) as exc:
         raise _conflict(exc, rows) from exc
-    except sa_exc.SQLAlchemyError as exc:
+    except (sa_exc.SQLAlchemyError, psycopg.Error) as exc:
         raise translate(exc) from exc
     return positions
 
 
-def _append_psycopg(conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> list[int]:
+def driver_connection(conn: sa.Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under a SQLAlchemy connection to PostgreSQL (same transaction)."""
+    raw: psycopg.Connection[Any] | None = conn.connection.driver_connection
+    if raw is None:
+        raise TypeError("the SQLAlchemy connection has no driver connection")
+    return raw
+
+
+def _append_psycopg(
+    conn: psycopg.Connection[Any],
+    rows: list[dict[str, Any]],
+    texts: list[str],
+    pending: list[Callable[[], object]],
+) -> list[int]:
     """The same appends on a plain psycopg connection (PostgreSQL).
 
     For writers that use psycopg directly: no SQLAlchemy on the path, and
     many events go through psycopg's pipelined executemany (one network
-    round trip for the lot, not one per event).
+    round trip for the lot, not one per event), or COPY for a long run.
     """
     positions: list[int] = []
     try:
         with conn.cursor() as cur:
-            for deduped, run in _runs(rows):
-                if not deduped:
-                    positions += _returned(cur, _PG_INSERT_ONE, [_pg_params(r) for r in run])
+            for deduped, start, stop in _runs(rows):
+                run = rows[start:stop]
+                if not deduped and len(run) >= COPY_MIN_ROWS:
+                    positions += _copy_postgresql(cur, run, texts[start:stop], pending)
                     continue
-                unique = _unique_keys(run)
-                found = _returned(cur, _PG_INSERT_DEDUPED, [_pg_params(r) for r in unique])
-                by_key = dict(zip([r["dedupe_key"] for r in unique], found, strict=True))
+                params = [_pg_params(r, t) for r, t in zip(run, texts[start:stop], strict=True)]
+                if not deduped:
+                    positions += _returned(cur, _PG_INSERT_ONE, params)
+                    continue
+                firsts = _first_of_each_key(run)
+                found = _returned(cur, _PG_INSERT_DEDUPED, [params[i] for i in firsts])
+                by_key = dict(zip([run[i]["dedupe_key"] for i in firsts], found, strict=True))
                 missing = [key for key, pos in by_key.items() if pos is None]
                 if missing:
                     cur.execute(_PG_POSITIONS_OF, (missing,))
@@ -160,14 +225,18 @@ def _returned(cur: psycopg.Cursor[Any], sql: str, params: list[tuple[Any, ...]])
             return found
 
 
+#: The range of ``aggregate_version`` (an INTEGER column).
+_INT4: Final = (-(2**31), 2**31 - 1)
+
 _LENGTHS = {
     name: getattr(events.c[name].type, "length", 0)
     for name in ("dedupe_key", "trace_id", "aggregate_id")
 }
 
 
-def _row(event: NewEvent) -> dict[str, Any]:
-    topic, delivery, _text = validate_event(event.topic, event.payload, event.delivery)
+def _row(event: NewEvent) -> tuple[dict[str, Any], str]:
+    """The event as an ``herald_events`` row, checked; and its payload as JSON text."""
+    topic, delivery, text = validate_event(event.topic, event.payload, event.delivery)
     dedupe_key = event.dedupe_key
     if dedupe_key is None and delivery == "once_per_eval" and topic in CATALOGUE:
         dedupe_key = f"{topic}:{event.payload['eval_id']}:{event.payload['build_id']}"
@@ -185,10 +254,14 @@ def _row(event: NewEvent) -> dict[str, Any]:
             )
     if (event.aggregate_id is None) != (event.aggregate_version is None):
         raise InvalidPayload(topic, "aggregate_id and aggregate_version go together")
+    version = event.aggregate_version
+    if version is not None and (type(version) is not int or not _INT4[0] <= version <= _INT4[1]):
+        # Checked here, not left to the column: a binary COPY would take True as 1.
+        raise InvalidPayload(topic, "aggregate_version must be an integer (a 32-bit one)")
     occurred_at = event.occurred_at or datetime.now(UTC)
-    if occurred_at.tzinfo is None:
-        raise InvalidPayload(topic, "occurred_at must be timezone-aware")
-    return {
+    if not isinstance(occurred_at, datetime) or occurred_at.tzinfo is None:
+        raise InvalidPayload(topic, "occurred_at must be a timezone-aware datetime")
+    row = {
         "topic": topic,
         "payload": event.payload,
         "delivery": delivery,
@@ -198,6 +271,7 @@ def _row(event: NewEvent) -> dict[str, Any]:
         "trace_id": event.trace_id,
         "occurred_at": occurred_at,
     }
+    return row, text
 
 
 def _is_unicode(text: str) -> bool:
@@ -208,12 +282,13 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _runs(rows: list[dict[str, Any]]) -> Iterable[tuple[bool, list[dict[str, Any]]]]:
-    """Consecutive rows with and without dedupe keys, so the log keeps the caller's order."""
+def _runs(rows: list[dict[str, Any]]) -> Iterable[tuple[bool, int, int]]:
+    """Consecutive rows with and without dedupe keys (deduped, start, stop), so the log
+    keeps the caller's order."""
     start = 0
     for i in range(1, len(rows) + 1):
         if i == len(rows) or (rows[i]["dedupe_key"] is None) != (rows[start]["dedupe_key"] is None):
-            yield rows[start]["dedupe_key"] is not None, rows[start:i]
+            yield rows[start]["dedupe_key"] is not None, start, i
             start = i
 
 
@@ -221,11 +296,16 @@ Inserted = tuple[list[int], list[int]]
 """(the position of every row, in order; the positions of the rows actually inserted)"""
 
 
+def _first_of_each_key(rows: list[dict[str, Any]]) -> list[int]:
+    """The index of the first row with each dedupe key."""
+    first: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        first.setdefault(row["dedupe_key"], i)
+    return list(first.values())
+
+
 def _unique_keys(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    unique: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        unique.setdefault(row["dedupe_key"], row)
-    return list(unique.values())
+    return [rows[i] for i in _first_of_each_key(rows)]
 
 
 def _positions_of(conn: sa.Connection, keys: list[str]) -> dict[str, int]:
@@ -261,18 +341,175 @@ _PG_INSERT_DEDUPED = _PG_INSERT_ONE.replace(
 _PG_POSITIONS_OF = f"SELECT dedupe_key, position FROM {events.name} WHERE dedupe_key = ANY(%s)"
 
 
-def _pg_params(row: dict[str, Any]) -> tuple[Any, ...]:
-    """A row as the driver's parameters for _PG_INSERT_ONE (the payload as JSON text)."""
-    return tuple(
-        json.dumps(row[name], separators=(",", ":"), ensure_ascii=False)
-        if name == "payload"
-        else row[name]
-        for name in _PG_COLUMNS
-    )
+def _pg_params(row: dict[str, Any], text: str) -> tuple[Any, ...]:
+    """A row as the driver's parameters for _PG_INSERT_ONE (the payload as its JSON text)."""
+    return tuple(text if name == "payload" else row[name] for name in _PG_COLUMNS)
+
+
+# -- COPY (PostgreSQL) ------------------------------------------------------------
+
+#: From this many events in a row without dedupe keys, PostgreSQL appends them
+#: by binary ``COPY`` rather than an ``INSERT ... RETURNING``. COPY takes three
+#: round trips (the positions, the COPY, its end) but skips the INSERT's
+#: per-row statement work: measured on a loopback server, one event took 1.3x
+#: (SQLAlchemy) to 1.5x (psycopg) as long by COPY, two already less, and eight
+#: 0.44x / 0.66x; 1,000 took 0.1x. A single event (the common write) keeps its
+#: one-statement INSERT. Events with dedupe keys always take the INSERT: COPY
+#: has no ``ON CONFLICT``.
+COPY_MIN_ROWS: Final = 8
+
+# The positions, taken from the bigserial's own sequence before the COPY, so
+# that they can be returned (COPY returns nothing) and keep the caller's order.
+# The sequence is the one PostgreSQL made for the bigserial column.
+_PG_NEXT_POSITIONS: Final = (
+    f"SELECT nextval('{events.name}_position_seq') FROM generate_series(1, %s)"
+)
+# tx and recorded_at are left out: their defaults apply to COPY as to INSERT,
+# so the database, not the writer, says which transaction wrote each row.
+_PG_COPY_COLUMNS: Final = ("position", *_PG_COLUMNS)
+_PG_COPY: Final = f"COPY {events.name} ({', '.join(_PG_COPY_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+
+
+def _jsonb(text: str) -> bytes:
+    """JSON text in jsonb's binary form (a version byte, 1, then the text), for COPY.
+
+    A binary COPY carries no type with its fields: the server reads each one
+    with its column's own input function (``jsonb_recv``, which parses and
+    checks the text). So JSON columns are sent as these bytes, which the
+    driver passes on as they are, rather than through its JSON adapter, a
+    Python call per value.
+    """
+    return b"\x01" + text.encode()
+
+
+def _copy_postgresql(
+    cur: psycopg.Cursor[Any],
+    rows: list[dict[str, Any]],
+    texts: list[str],
+    pending: list[Callable[[], object]],
+) -> list[int]:
+    """Binary COPY of rows without dedupe keys; their positions, in order.
+
+    A row whose (aggregate_id, aggregate_version) is taken fails the whole
+    COPY with a unique violation, as the INSERT would. The ``pending``
+    callbacks run (and are removed) once every row is sent, before the COPY
+    ends: the server is still writing the rows meanwhile.
+    """
+    cur.execute(_PG_NEXT_POSITIONS, (len(rows),))
+    # One session's nextval() calls return increasing values.
+    positions = sorted(row[0] for row in cur.fetchall())
+    _bytes_as_they_are(cur)
+    with cur.copy(_PG_COPY) as copy:
+        copy.set_types(_copy_types(events, _PG_COPY_COLUMNS))
+        write = copy.write_row
+        for position, row, text in zip(positions, rows, texts, strict=True):
+            write(
+                (
+                    position,
+                    row["topic"],
+                    # the payload's JSON text, checked and measured by validate_event
+                    _jsonb(text),
+                    row["delivery"],
+                    row["dedupe_key"],
+                    row["aggregate_id"],
+                    row["aggregate_version"],
+                    row["trace_id"],
+                    row["occurred_at"],
+                )
+            )
+        while pending:
+            pending.pop(0)()
+    return positions
+
+
+#: PostgreSQL's name for each SQLAlchemy type herald's tables use (most specific first).
+_PG_TYPES: Final[tuple[tuple[type[sa.types.TypeEngine[Any]], str], ...]] = (
+    (sa.JSON, "jsonb"),
+    (sa.BigInteger, "int8"),
+    (sa.SmallInteger, "int2"),
+    (sa.Integer, "int4"),
+    (sa.Boolean, "bool"),
+    (sa.Text, "text"),
+    (sa.String, "varchar"),
+    (sa.Float, "float8"),
+)
+
+
+@cache
+def _copy_types(table: sa.TableClause, columns: tuple[str, ...]) -> list[str]:
+    """The types the driver dumps ``columns`` as in a binary COPY (``int8``, ...; ``bytea``
+    for JSON, given as :func:`_jsonb` bytes)."""
+    names: list[str] = []
+    for name in columns:
+        kind = table.c[name].type
+        if isinstance(kind, sa.DateTime):
+            names.append("timestamptz" if kind.timezone else "timestamp")
+            continue
+        pg = next(pg for cls, pg in _PG_TYPES if isinstance(kind, cls))
+        names.append("bytea" if pg == "jsonb" else pg)
+    return names
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRows:
+    """Rows made ready for a binary ``COPY`` into ``table`` (see :func:`copy_rows`)."""
+
+    table: sa.TableClause
+    columns: tuple[str, ...]
+    #: values in the order of ``columns``; JSON ones already in jsonb's binary form
+    rows: list[list[Any]]
+
+
+def prepare_copy(table: sa.TableClause, rows: Sequence[dict[str, Any]]) -> CopyRows:
+    """``rows`` (dicts with the same keys: column names) as :class:`CopyRows`.
+
+    Pure Python: done where it can overlap with the server's work (see
+    :func:`append_many`'s ``while_writing``).
+    """
+    columns = tuple(rows[0])
+    json_at = [i for i, name in enumerate(columns) if isinstance(table.c[name].type, sa.JSON)]
+    encode = _JSON.encode
+    ready = [[row[name] for name in columns] for row in rows]
+    for values in ready:
+        for i in json_at:
+            values[i] = _jsonb(encode(values[i]))
+    return CopyRows(table, columns, ready)
+
+
+def copy_rows(conn: sa.Connection | psycopg.Connection[Any], prepared: CopyRows) -> None:
+    """Binary ``COPY`` of ``prepared`` rows (PostgreSQL), in the connection's transaction.
+
+    New rows only: COPY writes what an INSERT of them would, and the same
+    constraints refuse the same rows, at a fraction of the cost.
+    """
+    raw = conn if isinstance(conn, psycopg.Connection) else driver_connection(conn)
+    table, columns = prepared.table, prepared.columns
+    with raw.cursor() as cur:
+        _bytes_as_they_are(cur)
+        with cur.copy(
+            f"COPY {table.name} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(_copy_types(table, columns))
+            write = copy.write_row
+            for row in prepared.rows:
+                write(row)
+
+
+def _bytes_as_they_are(cur: psycopg.Cursor[Any]) -> None:
+    """Dump ``bytea`` values (jsonb's binary form, in COPY) with the driver's C dumper.
+
+    ``set_types`` picks dumpers by type; for ``bytea`` psycopg's default is a
+    Python subclass that also takes ``psycopg.Binary`` wrappers, a Python call
+    per value. This cursor only ever gets bytes.
+    """
+    cur.adapters.register_dumper(None, BytesBinaryDumper)
+
+
+_JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _insert_postgresql(
-    conn: sa.Connection, rows: list[dict[str, Any]], *, deduped: bool
+    conn: sa.Connection, rows: list[dict[str, Any]], texts: list[str], *, deduped: bool
 ) -> Inserted:
     """Multi-row INSERT ... RETURNING (insertmanyvalues: 1,000 rows a statement)."""
     if not deduped:
@@ -280,7 +517,7 @@ def _insert_postgresql(
             # The hot path (one event in a writer's transaction): one statement
             # straight to the driver, with the payload as JSON text. Compiling
             # the Core insert costs about as much client CPU as the round trip.
-            new = [conn.exec_driver_sql(_PG_INSERT_ONE, _pg_params(rows[0])).scalar_one()]
+            new = [conn.exec_driver_sql(_PG_INSERT_ONE, _pg_params(rows[0], texts[0])).scalar_one()]
         else:
             stmt = sa.insert(events).returning(events.c.position, sort_by_parameter_order=True)
             new = list(conn.execute(stmt, rows).scalars())
@@ -309,7 +546,9 @@ _SQLITE_LAST_POSITION = sa.text(
 )
 
 
-def _insert_sqlite(conn: sa.Connection, rows: list[dict[str, Any]], *, deduped: bool) -> Inserted:
+def _insert_sqlite(
+    conn: sa.Connection, rows: list[dict[str, Any]], _texts: list[str], *, deduped: bool
+) -> Inserted:
     """One executemany with positions given by the writer.
 
     SQLite has one writer at a time, so the writer may number its own rows:
@@ -321,14 +560,20 @@ def _insert_sqlite(conn: sa.Connection, rows: list[dict[str, Any]], *, deduped: 
     batch = _unique_keys(rows) if deduped else rows
     base = int(conn.execute(_SQLITE_LAST_POSITION).scalar_one())
     numbered = [{**row, "position": base + i} for i, row in enumerate(batch, start=1)]
+    stmt: sa.Insert = sa.insert(events)
+    if deduped:
+        stmt = sqlite.insert(events).on_conflict_do_nothing(
+            index_elements=[events.c.dedupe_key], index_where=events.c.dedupe_key.is_not(None)
+        )
+    try:
+        conn.execute(stmt, numbered)
+    except sa_exc.IntegrityError as exc:
+        if "aggregate" not in str(exc.orig):
+            raise
+        raise _conflict(exc, batch, _versions_in_log(conn, batch, base)) from exc
     if not deduped:
-        conn.execute(sa.insert(events), numbered)
         new = [row["position"] for row in numbered]
         return new, new
-    stmt = sqlite.insert(events).on_conflict_do_nothing(
-        index_elements=[events.c.dedupe_key], index_where=events.c.dedupe_key.is_not(None)
-    )
-    conn.execute(stmt, numbered)
     by_key = _positions_of(conn, [row["dedupe_key"] for row in numbered])
     new = [row["position"] for row in numbered if by_key[row["dedupe_key"]] == row["position"]]
     return [by_key[row["dedupe_key"]] for row in rows], new
@@ -355,7 +600,9 @@ _KEY_DETAIL = re.compile(r"\(aggregate_id, aggregate_version\)=\((.*?), (\d+)\)"
 
 
 def _conflict(
-    exc: sa_exc.IntegrityError | psycopg.Error, rows: Sequence[dict[str, Any]]
+    exc: sa_exc.IntegrityError | psycopg.Error,
+    rows: Sequence[dict[str, Any]],
+    taken: set[tuple[str, int]] | frozenset[tuple[str, int]] = frozenset(),
 ) -> Exception:
     orig = exc.orig if isinstance(exc, sa_exc.IntegrityError) else exc
     diag = getattr(orig, "diag", None)
@@ -365,5 +612,28 @@ def _conflict(
     match = _KEY_DETAIL.search(text)
     if match:
         return VersionConflict(match.group(1), int(match.group(2)))
-    first = next(r for r in rows if r["aggregate_id"] is not None)
-    return VersionConflict(first["aggregate_id"], first["aggregate_version"])
+    # SQLite names the index, not the key: find it, among the versions the log
+    # held before the call (``taken``) and the call's own earlier rows.
+    seen: set[tuple[str, int]] = set()
+    versioned = [(r["aggregate_id"], r["aggregate_version"]) for r in rows if r["aggregate_id"]]
+    for key in versioned:
+        if key in taken or key in seen:
+            return VersionConflict(*key)
+        seen.add(key)
+    return VersionConflict(*versioned[0])
+
+
+def _versions_in_log(
+    conn: sa.Connection, rows: Sequence[dict[str, Any]], upto: int
+) -> set[tuple[str, int]]:
+    """The (aggregate_id, aggregate_version) pairs of ``rows`` that the log holds at
+    positions up to ``upto`` (SQLite: a failed statement leaves the transaction
+    usable, and the rows before the failing one written)."""
+    ids = sorted({r["aggregate_id"] for r in rows if r["aggregate_id"] is not None})
+    found: set[tuple[str, int]] = set()
+    for chunk in (ids[i : i + 1000] for i in range(0, len(ids), 1000)):
+        stmt = sa.select(events.c.aggregate_id, events.c.aggregate_version).where(
+            events.c.aggregate_id.in_(chunk), events.c.position <= upto
+        )
+        found.update((row[0], row[1]) for row in conn.execute(stmt))
+    return found

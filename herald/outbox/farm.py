@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from herald.domain import Build, Evaluation
 from herald.domain.build import MessageState
 from herald.outbox.append import NewEvent
-from herald.outbox.unit_of_work import UnitOfWork
+from herald.outbox.unit_of_work import UnitOfWork, collector_paused
 from herald.schema import build_dependencies, builds
 from herald.schema.dberrors import translated
 
@@ -156,20 +156,22 @@ def add_evaluation(
     per evaluation and build, however often this is called).
     """
     evaluation = uow.evaluation(trace_id)
-    added = [
-        uow.add(
-            Build(
-                spec.build_id,
-                evaluation.jobset_id,
-                spec.job,
-                spec.drv_path,
-                spec.system,
-                spec.priority,
-                list(spec.dependencies),
+    specs = list(new_builds)
+    with collector_paused(len(specs)):
+        added = [
+            uow.add(
+                Build.queue(
+                    spec.build_id,
+                    evaluation.jobset_id,
+                    spec.job,
+                    spec.drv_path,
+                    spec.system,
+                    spec.priority,
+                    list(spec.dependencies),
+                )
             )
-        )
-        for spec in new_builds
-    ]
+            for spec in specs
+        ]
     cached = uow.builds(cached_build_ids)
     evaluation.add(eval_id, len(added), len(cached))
     if added:

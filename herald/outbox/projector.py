@@ -9,7 +9,8 @@ log, so a rebuilt database equals the original by construction and the
 check is whether the log holds everything.
 
 Consecutive events that need the same statement go in one executemany, so an
-evaluation that queues 50,000 builds is a few statements, not 50,000.
+evaluation that queues 50,000 builds is a few statements, not 50,000; on
+PostgreSQL a long batch of new rows goes in by binary ``COPY`` instead.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 
 from herald.domain import LogEvent
 from herald.domain.build import unwaited_reason
+from herald.outbox.append import COPY_MIN_ROWS, CopyRows, copy_rows, prepare_copy
 from herald.schema import (
     PROJECTIONS,
     build_dependencies,
@@ -38,10 +40,13 @@ from herald.schema import (
 __all__ = [
     "PROJECTED_TOPICS",
     "Difference",
+    "ProjectionPlan",
     "check",
     "log_event",
+    "plan_projection",
     "project",
     "rebuild",
+    "write_projection",
 ]
 
 Op = tuple[sa.Executable, dict[str, Any]]
@@ -275,28 +280,36 @@ def _owner(params: dict[str, Any]) -> object:
     raise KeyError("a projection op names no build or evaluation")
 
 
-def project(conn: sa.Connection, log_events: Iterable[LogEvent]) -> int:
-    """Apply ``log_events`` (in log order) to the projections; returns how many applied.
+@dataclass(frozen=True, slots=True)
+class ProjectionPlan:
+    """The statements that apply some log events to the projections, to run in this
+    order: each an executemany of its parameters, or (PostgreSQL) a COPY of new rows."""
 
-    Events of other topics (custom ones, notifications with no state) are
-    passed over. Runs in ``conn``'s transaction.
+    batches: list[tuple[sa.Executable, list[dict[str, Any]] | CopyRows]]
+    #: how many of the events change a projection
+    applied: int
+
+
+def plan_projection(log_events: Iterable[LogEvent], *, copy: bool = False) -> ProjectionPlan:
+    """The statements that apply ``log_events`` (in log order) to the projections.
+
+    Pure Python, no database: the unit of work makes the plan while the
+    database is still writing the log rows (see :func:`append_many`'s
+    ``while_writing``). Events of other topics (custom ones, notifications
+    with no state) are passed over. ``copy`` (PostgreSQL): a batch of at
+    least :data:`COPY_MIN_ROWS` new rows is made ready for a binary COPY.
     """
     # Batching. Each statement writes rows of one table, all of one build (or
     # evaluation), and reads nothing else, so what must keep its order is the
     # ops on the same (table, build). An op joins the pending batch of its
     # statement unless a later batch already holds an op on the same
     # (table, build); an INSERT always may (its row is new). Otherwise
-    # everything pending runs first, in order.
+    # everything pending is closed (it runs first, in order) and a new group
+    # of batches begins.
     applied = 0
+    done: list[tuple[sa.Executable, list[dict[str, Any]]]] = []
     batches: list[tuple[sa.Executable, list[dict[str, Any]], set[tuple[str, object]]]] = []
     index: dict[sa.Executable, int] = {}
-
-    def flush() -> None:
-        for stmt, params, _ in batches:
-            conn.execute(stmt, params)
-        batches.clear()
-        index.clear()
-
     for event in log_events:
         handler = _HANDLERS.get(event.topic)
         if handler is None:
@@ -313,11 +326,42 @@ def project(conn: sa.Connection, log_events: Iterable[LogEvent]) -> int:
                 batches[at][2].add(row)
                 continue
             if at is not None:
-                flush()
+                done += [(stmt, params) for stmt, params, _ in batches]
+                batches.clear()
+                index.clear()
             index[stmt] = len(batches)
             batches.append((stmt, [params], {row}))
-    flush()
-    return applied
+    done += [(stmt, params) for stmt, params, _ in batches]
+    return ProjectionPlan(
+        [
+            (stmt, prepare_copy(stmt.table, params))
+            if copy and isinstance(stmt, sa.Insert) and len(params) >= COPY_MIN_ROWS
+            else (stmt, params)
+            for stmt, params in done
+        ],
+        applied,
+    )
+
+
+def write_projection(conn: sa.Connection, plan: ProjectionPlan) -> int:
+    """Run ``plan``'s statements in ``conn``'s transaction; returns how many events it
+    applied."""
+    for stmt, batch in plan.batches:
+        if isinstance(batch, CopyRows):
+            copy_rows(conn, batch)
+        else:
+            conn.execute(stmt, batch)
+    return plan.applied
+
+
+def project(conn: sa.Connection, log_events: Iterable[LogEvent]) -> int:
+    """Apply ``log_events`` (in log order) to the projections; returns how many applied.
+
+    Events of other topics (custom ones, notifications with no state) are
+    passed over. Runs in ``conn``'s transaction.
+    """
+    copy = conn.dialect.name == "postgresql"
+    return write_projection(conn, plan_projection(log_events, copy=copy))
 
 
 def log_event(row: Any) -> LogEvent:

@@ -99,7 +99,7 @@ def test_a_fault_between_append_and_projection_writes_nothing(
     def broken(*_args: Any) -> int:
         raise RuntimeError("the projection write failed")
 
-    monkeypatch.setattr(unit_of_work, "project", broken)
+    monkeypatch.setattr(unit_of_work, "write_projection", broken)
     with pytest.raises(RuntimeError), engine.begin() as conn:
         uow = UnitOfWork(conn)
         uow.build(1).start()
