@@ -28,6 +28,7 @@ consumer keeps a slow one from delaying any other.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -50,9 +51,29 @@ from herald.schema import CONSUMER_LOCK_CLASS
 from herald.schema.dberrors import translated
 from herald.schema.queries import QUERIES
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "tune_garbage_collector"]
 
 log = logging.getLogger("herald.run")
+
+
+def tune_garbage_collector() -> None:
+    """Set CPython's cycle collector up for a long-running daemon (``herald run`` does).
+
+    A consumer makes and drops a handful of objects per event, thousands a
+    second, and keeps a page of them alive meanwhile. With the defaults (a
+    young collection every 700 allocations, and the whole heap scanned each
+    time it has grown by a quarter) collecting took a fifth of a no-op
+    consumer's CPU. What is loaded by now (modules, the configuration, the
+    handlers) lives as long as the process: ``gc.freeze`` takes it out of the
+    collector's sight, and young collections run every 10,000 allocations.
+    Nothing is left uncollected: reference counting frees almost everything
+    at once, and the collector still finds the rare cycle, only less often.
+    Process-wide, so the Python API leaves it to the program that embeds a
+    :class:`Daemon`.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
 
 
 class _SessionLost(TransientDatabaseError):

@@ -1,0 +1,30 @@
+"""The process settings `herald run` applies before it starts the daemon."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from herald.consumers import tune_garbage_collector
+
+
+@pytest.fixture
+def collector() -> Iterator[None]:
+    """Gives the test process its collector settings back afterwards."""
+    before = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*before)
+
+
+@pytest.mark.usefixtures("collector")
+def test_the_collector_is_tuned_and_still_collects_cycles() -> None:
+    tune_garbage_collector()
+    assert gc.get_threshold() == (10_000, 50, 100)
+    assert gc.get_freeze_count() > 0, "nothing loaded so far was frozen"
+    ring: list[object] = []
+    ring.append(ring)
+    del ring
+    assert gc.collect() >= 1, "a cycle made afterwards was not collected"
