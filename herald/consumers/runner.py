@@ -129,17 +129,18 @@ class _Item:
 
 def _items(consumer: Consumer, entries: Sequence[LogEntry]) -> list[_Item]:
     """An item per entry, with its build key and the consumer's rule for it."""
-    if consumer.delivery != "auto":
-        fixed = consumer.delivery
-        return [_Item(entry, build_key(entry), fixed) for entry in entries]
-    return [
-        _Item(
-            entry,
-            build_key(entry),
-            "ephemeral" if entry.delivery == "ephemeral" else "at_least_once",
-        )
-        for entry in entries
-    ]
+    fixed = consumer.delivery
+    items: list[_Item] = []
+    append = items.append
+    for entry in entries:
+        if fixed == "auto":
+            rule: Literal["at_least_once", "ephemeral"] = (
+                "ephemeral" if entry.delivery == "ephemeral" else "at_least_once"
+            )
+        else:
+            rule = fixed
+        append(_Item(entry, build_key(entry), rule))
+    return items
 
 
 class _Call:
@@ -208,29 +209,37 @@ class _Batch:
         #: heaps of (seq, item) and (when, seq, item): seqs are unique in a batch
         self.ready: list[tuple[int, _Item]] = []
         self.delayed: list[tuple[float, int, _Item]] = []
-        self.waiting: dict[str, deque[_Item]] = {}
+        #: the keys (builds) with an event out: its followers, in seq order (None: none)
+        self.waiting: dict[str, deque[_Item] | None] = {}
         #: the calls in flight, by number
-        self.in_flight: dict[int, _Call] = {}
         self.calls = 0
+        self.in_flight: dict[int, _Call] = {}
         self.timeout = consumer.timeout
-        # Items finished by an earlier run (recorded beyond its offset at a clean stop).
-        self.remaining = sum(1 for item in self.items if item.final is None)
         #: items handed to a worker and not yet settled
         self.busy = 0
         self.stopping = False
+        # None unless someone listens: a call per attempt otherwise.
+        self._attempt = None if isinstance(metrics, NullMetrics) else metrics.attempt
         waiting, ready = self.waiting, self.ready
+        remaining = 0
         for item in self.items:
             if item.final is not None:
+                # Finished by an earlier run (recorded beyond its offset at a clean stop).
                 continue
+            remaining += 1
             key = item.key
             if key is not None:
-                queue = waiting.get(key)
-                if queue is not None:
-                    queue.append(item)
+                if key in waiting:
+                    queue = waiting[key]
+                    if queue is None:
+                        waiting[key] = deque((item,))
+                    else:
+                        queue.append(item)
                     continue
-                waiting[key] = deque()
+                waiting[key] = None
             # In seq order: the list is a heap as it is.
             ready.append((item.seq, item))
+        self.remaining = remaining
         self._retrying = Retrying()
         self.backoff = wait_exponential(multiplier=consumer.retry_initial, max=consumer.retry_max)
 
@@ -246,14 +255,8 @@ class _Batch:
         (it passed its deadline: the runner settled it, and ``worker`` is replaced).
         """
         with self.lock:
-            if done is not None:
-                if self.in_flight.pop(done.number, None) is None:
-                    return None
-                self._idle()
-                self._settle(
-                    done.item, done.started_at, done.seconds, done.error, done.retry,
-                    done.status, done.detail,
-                )  # fmt: skip
+            if done is not None and not self._finish(done):
+                return None
             consumer = self.consumer
             while True:
                 if self.stopping or not self.remaining:
@@ -291,6 +294,19 @@ class _Batch:
                     self.watch.notify()
                 return call
 
+    def _finish(self, done: _Call) -> bool:
+        """Settle a call that returned; False if the runner abandoned it meanwhile."""
+        if self.in_flight.pop(done.number, None) is None:
+            return False
+        self.busy -= 1
+        if self.stopping and not self.busy:
+            self.watch.notify_all()  # a stopping runner waits for the last call
+        self._settle(
+            done.item, done.started_at, done.seconds, done.error, done.retry, done.status,
+            done.detail,
+        )  # fmt: skip
+        return True
+
     def _wake_delayed(self) -> None:
         current = _monotonic()
         while self.delayed and self.delayed[0][0] <= current:
@@ -298,12 +314,6 @@ class _Batch:
             heapq.heappush(self.ready, (item.seq, item))
 
     # -- settling (with the condition held) --------------------------------------------
-
-    def _idle(self) -> None:
-        """A worker is done with its event; a stopping runner waits for the last one."""
-        self.busy -= 1
-        if self.stopping and not self.busy:
-            self.watch.notify_all()
 
     def _record(
         self,
@@ -322,14 +332,15 @@ class _Batch:
                 item.attempts if attempt is None else attempt,
                 outcome,
                 started_at,
-                round(seconds * 1000.0, 3),
+                seconds * 1000.0,
                 error[:4000] if error else None,
                 status,
                 detail,
                 self.kind,
             )
         )
-        self.metrics.attempt(self.consumer.name, outcome, seconds)
+        if self._attempt is not None:
+            self._attempt(self.consumer.name, outcome, seconds)
 
     def _settle(
         self,
