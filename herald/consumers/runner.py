@@ -584,9 +584,9 @@ class Runner(threading.Thread):
         self.ahead: dict[int, tuple[int, set[str]]] = {}
         self._batch: _Batch | None = None
         self._batch_changed = threading.Condition()
-        #: the page after the batch in flight, read while it was delivered
-        self._prefetched: Page | None = None
-        self._prefetched_after = -1
+        #: where the next page starts, the consumer's row and that page, read while the
+        #: page before it was delivered (a step taken then would have read the same)
+        self._prefetched: tuple[int, store.ConsumerRow | None, Page] | None = None
         self._workers: list[_Worker] = []
         self._abandoned: list[_Worker] = []
         self.error: BaseException | None = None
@@ -725,30 +725,31 @@ class Runner(threading.Thread):
         """Deliver one page; True if the log had nothing more (wait for a wake-up)."""
         consumer = self.consumer
         self._commits.wait(pending=MAX_PENDING)  # raises what a commit met
-        with self.engine.connect() as conn:
-            row = store.consumer_row(conn, consumer.name)
-            if row is None or row.owner != self.token:
-                raise LostClaim(consumer.name)
-            if row.epoch != self.epoch:
+        look = self._prefetched
+        self._prefetched = None
+        if look is None or look[0] != self.position:
+            with self.engine.connect() as conn:
+                look = (self.position, *self._look(conn))
                 conn.rollback()
-                log.warning(
-                    "consumer %s was reset: offset %d -> %d", consumer.name, self.offset, row.offset
-                )
-                self._load()
-                return False
-            control = row.control
-            page = None if control != self.control else self._page(conn)
-            conn.rollback()
+        _, row, page = look
+        if row is None or row.owner != self.token:
+            raise LostClaim(consumer.name)
+        if row.epoch != self.epoch:
+            log.warning(
+                "consumer %s was reset: offset %d -> %d", consumer.name, self.offset, row.offset
+            )
+            self._load()
+            return False
         requests = None
-        if page is None:
+        if row.control != self.control:
             # An operator's request: the parked events as the database has them, once
             # the commits in flight (which may park more) have landed.
             self._commits.wait()
             with self.engine.connect() as conn:
                 self.blocked = store.parked_heads(conn, consumer.name)
                 requests = store.redeliver_requests(conn, consumer.name)
-                self.control = control
-                page = self._page(conn)
+                self.control = row.control
+                page = read_page(conn, self.position, self.page_size, consumer.topic_filter)
                 conn.rollback()
         if requests:
             self._redeliver(requests)
@@ -759,12 +760,11 @@ class Runner(threading.Thread):
             self._submit(page.next_after, [], [])
         return page.at_head
 
-    def _page(self, conn: sa.Connection) -> Page:
-        """The page at the position: the one read ahead, if it starts there."""
-        page, self._prefetched = self._prefetched, None
-        if page is not None and self._prefetched_after == self.position:
-            return page
-        return read_page(conn, self.position, self.page_size, self.consumer.topic_filter)
+    def _look(self, conn: sa.Connection) -> tuple[store.ConsumerRow | None, Page]:
+        """The consumer's row (claim, epoch, requests) and the page at the position."""
+        row = store.consumer_row(conn, self.consumer.name)
+        page = read_page(conn, self.position, self.page_size, self.consumer.topic_filter)
+        return row, page
 
     def _items(self, entries: Sequence[LogEntry]) -> list[_Item]:
         items = _items(self.consumer, entries)
@@ -916,9 +916,11 @@ class Runner(threading.Thread):
             self._submit(self.position, rest, [i.parked for i in rest if i.parked is not None])
 
     def _prefetch(self, after: int) -> None:
+        """Look at the consumer's row and the page after ``after``, for the next step."""
         self._prefetched = None
         try:
             with self.engine.connect() as conn, translated():
+                row = store.consumer_row(conn, self.consumer.name)
                 page = read_page(conn, after, self.page_size, self.consumer.topic_filter)
                 conn.rollback()
         except TransientDatabaseError as exc:
@@ -926,7 +928,7 @@ class Runner(threading.Thread):
             # it lasts, where errors are handled).
             log.debug("consumer %s: reading ahead failed: %s", self.consumer.name, exc)
             return
-        self._prefetched, self._prefetched_after = page, after
+        self._prefetched = (after, row, page)
 
     def _submit(self, offset: int, items: Sequence[_Item], parked: Sequence[ParkedRow]) -> None:
         """Hand a commit to the commits' thread; reading goes on from ``offset``."""
