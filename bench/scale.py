@@ -1,0 +1,738 @@
+"""B7: append and read rates with 10,000,000 events in the log, against the same at 100,000.
+
+Run with ``make bench`` or ``.venv/bin/python -m bench.scale``.
+
+Two scratch databases (``herald_bench_scale_small`` and ``herald_bench_scale_big``,
+dropped first and at the end) are migrated as ``herald db upgrade`` does and
+filled with ``--small`` and ``--big`` events, ``--chunk`` a transaction, by
+``INSERT ... SELECT generate_series``: builds' lifecycles (``build_queued``,
+``build_started``, three ``step_started`` / ``step_finished`` pairs with a log
+path, ``build_finished`` with zero to three ``dependent_ids``), build ids from
+1,000,000 (the same row sizes in both logs), every event of a build but
+``build_finished`` under the build's aggregate id and its version
+(``build_finished`` as the queue runner appends it, with no aggregate), one
+event in ``--rare-every`` a ``build_cancelled`` (the rare topic),
+``occurred_at`` 10 ms apart. Each chunk is given its seqs in log order, then the sequencer's stored
+state is set to the snapshot after the fill (so that a sequencer finds nothing
+left to order: the script checks that it does) and the tables get a
+``VACUUM ANALYZE``, as autovacuum would after such a load.
+
+Then ``--rounds`` rounds (the two logs alternating, mirrored: small big, big
+small, ...) measure the same things on each log:
+
+* **read** (what a consumer does): :func:`herald.outbox.read_page`, pages of
+  ``--page`` each bounded by the head (as a reader's are), through ``--window``
+  seqs from ``--window`` before the head and from the start of the log (an old
+  offset), with no topic filter, with ``build_finished`` (one event in nine)
+  and with the rare topic; the rate is seqs of log gone through per second;
+* **daemon**: a :class:`herald.consumers.Daemon` (as ``herald run`` runs it) with a
+  consumer whose handler does nothing, ``topics=["*"]``, at_least_once, its offset
+  set ``--window`` seqs before the head and at the start of the log; timed
+  from ``start()`` until :func:`herald.consumers.wait_for` sees the window's
+  last seq finished (start-up included, as in B3);
+* **append** as B1 does it (:mod:`bench.append_throughput`'s ``herald
+  (psycopg)`` writer processes: ``UPDATE bench_builds`` + one
+  ``build_finished`` through :func:`herald.outbox.append` on a psycopg
+  connection, committed), ``--writers`` writers, ``--seconds`` after
+  ``--warmup``: first with no sequencer; then the backlog those left is
+  ordered by :meth:`herald.outbox.Sequencer.cycle` (the sequencer's ordering
+  rate, events/s); then again with the sequencer running
+  (:func:`herald.outbox.run_sequencer`, what ``herald run`` runs, in a thread of
+  this process) ordering as the writers commit.
+
+This server may run without autovacuum; between turns the script does what
+autovacuum would have done by then (``VACUUM`` / ``ANALYZE`` of the tables past
+the server's own autovacuum thresholds), untimed, so that neither log is read
+with statistics from before the appends.
+
+Each figure is the median of the rounds, with the spread (min–max); the ratio
+is big / small; the target is within 1.25×: the big log's rate at least
+1 / 1.25 = 0.8 of the small one's. It also reports the tables' and indexes'
+sizes, and writes its section of ``BENCHMARKS.md`` (between the ``bench.scale``
+markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+
+from bench.append_throughput import (
+    Machine,
+    Segment,
+    WriterPool,
+    conninfo,
+    create_scratch,
+    describe_machine,
+    drop_scratch,
+    git_revision,
+    md_table,
+    text_table,
+)
+from bench.common import add_server_options, markers, write_section
+from herald.config import create_engine
+from herald.consumers import Consumer, Daemon, wait_for
+from herald.consumers import store as consumer_store
+from herald.outbox import LogEntry, Sequencer, TopicFilter, head, read_page, run_sequencer
+
+BEGIN_MARK, END_MARK = markers("bench.scale")
+TARGET: Final = 1.25
+#: rows of bench_builds, B1's table (each writer updates its own share)
+BUILD_ROWS: Final = 1000
+RARE_TOPIC: Final = "build_cancelled"
+#: The first build id of the fill. Ids of the same number of digits in both logs keep
+#: their rows the same sizes: the room a full heap page has left, which later appends
+#: may fill (the free space map sends an insert to any page with room), is then the
+#: same in both, and only the size of the log differs.
+FIRST_BUILD: Final = 1_000_000
+#: the topic filters a read is measured with (label → filter)
+FILTERS: Final = {
+    "every topic": (),
+    "build_finished": ("build_finished",),
+    f"rare ({RARE_TOPIC})": (RARE_TOPIC,),
+}
+
+#: One chunk of the fill: event g (from 1) is event g % 9 of build FIRST_BUILD + g / 9;
+#: every rare-th event is a build_cancelled. The build's events are its aggregate's,
+#: except build_finished, appended by the queue runner (herald_append: no aggregate),
+#: like B1's. %(lo)s..%(hi)s are the chunk's event numbers, %(count)s all of them (the
+#: newest occurred now, each 10 ms after the last).
+FILL_CHUNK: Final = """
+INSERT INTO herald_events
+    (topic, payload, delivery, aggregate_id, aggregate_version, occurred_at, recorded_at)
+SELECT
+    CASE WHEN s.rare THEN %(rare_topic)s
+         WHEN s.k = 0 THEN 'build_queued'
+         WHEN s.k = 1 THEN 'build_started'
+         WHEN s.k = 8 THEN 'build_finished'
+         WHEN s.k %% 2 = 0 THEN 'step_started'
+         ELSE 'step_finished' END,
+    CASE WHEN s.rare OR s.k < 2 THEN jsonb_build_object('build_id', s.b)
+         WHEN s.k = 8 THEN jsonb_build_object('build_id', s.b, 'dependent_ids',
+             to_jsonb(ARRAY(SELECT s.b + i FROM generate_series(1, s.b %% 4) AS i)))
+         WHEN s.k %% 2 = 0 THEN jsonb_build_object('build_id', s.b, 'step_nr', s.k / 2)
+         ELSE jsonb_build_object('build_id', s.b, 'step_nr', s.k / 2, 'log_path',
+             '/nix/var/log/nix/drvs/' || substr(md5(s.b::text), 1, 2) || '/'
+             || substr(md5(s.b::text), 3) || '-hello-2.12.1.drv.bz2') END,
+    CASE WHEN s.rare OR s.k = 8 THEN 'at_least_once' ELSE 'ephemeral' END,
+    CASE WHEN s.k = 8 AND NOT s.rare THEN NULL ELSE md5('herald:build:' || s.b)::uuid::text END,
+    CASE WHEN s.k = 8 AND NOT s.rare THEN NULL ELSE s.k + 1 END,
+    s.at,
+    s.at
+FROM (
+    SELECT g, CAST(%(first_build)s AS bigint) + (g - 1) / 9 AS b, (g - 1) %% 9 AS k,
+           g %% CAST(%(rare)s AS bigint) = 0 AS rare,
+           now() - (CAST(%(count)s AS bigint) - g) * interval '10 milliseconds' AS at
+    FROM generate_series(CAST(%(lo)s AS bigint), CAST(%(hi)s AS bigint)) AS g
+) AS s
+"""
+#: The chunk's seqs: in position order, after the last seq given.
+FILL_ORDER: Final = """
+INSERT INTO herald_log (seq, position)
+SELECT (SELECT coalesce(max(seq), 0) FROM herald_log) + row_number() OVER (ORDER BY position),
+       position
+FROM herald_events WHERE position > (SELECT coalesce(max(position), 0) FROM herald_log)
+"""
+#: After the fill: everything committed so far is ordered (the migration stored the
+#: snapshot of before the fill, from which a sequencer would order it all again).
+FILL_STATE: Final = """
+UPDATE herald_sequencer
+SET snapshot = pg_current_snapshot()::text, last_seq = %(last_seq)s, updated_at = now()
+WHERE id = 1
+"""
+#: What autovacuum would do now, with the server's own thresholds (``pg_settings``).
+AUTOVACUUM_DUE: Final = """
+SELECT s.relname,
+       s.n_dead_tup > current_setting('autovacuum_vacuum_threshold')::float8
+           + current_setting('autovacuum_vacuum_scale_factor')::float8 * greatest(c.reltuples, 0)
+       OR s.n_ins_since_vacuum > current_setting('autovacuum_vacuum_insert_threshold')::float8
+           + current_setting('autovacuum_vacuum_insert_scale_factor')::float8
+             * greatest(c.reltuples, 0) AS vacuum,
+       s.n_mod_since_analyze > current_setting('autovacuum_analyze_threshold')::float8
+           + current_setting('autovacuum_analyze_scale_factor')::float8
+             * greatest(c.reltuples, 0) AS analyze
+FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid
+"""
+SIZES: Final = """
+SELECT c.relname, '(heap)' AS part, pg_relation_size(c.oid), pg_total_relation_size(c.oid)
+FROM pg_class AS c WHERE c.relname IN ('herald_events', 'herald_log')
+UNION ALL
+SELECT c.relname, i.relname, pg_relation_size(i.oid), pg_total_relation_size(c.oid)
+FROM pg_index AS x
+JOIN pg_class AS c ON c.oid = x.indrelid
+JOIN pg_class AS i ON i.oid = x.indexrelid
+WHERE c.relname IN ('herald_events', 'herald_log')
+ORDER BY 1, 2
+"""
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+# -- the logs --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Log:
+    """One scratch database and what the run keeps open on it."""
+
+    label: str
+    database: str
+    url: URL
+    events: int
+    fill_seconds: float = 0.0
+    engine: sa.Engine = field(init=False)
+    pool: WriterPool | None = None
+    #: (table, index or "(heap)", bytes, the table's total bytes) at the end
+    sizes: list[tuple[str, str, int, int]] = field(default_factory=list)
+    #: what the script did for autovacuum between turns
+    maintenance: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.engine = create_engine(self.text_url)
+
+    @property
+    def text_url(self) -> str:
+        return self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    @property
+    def dsn(self) -> str:
+        return conninfo(self.url)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.engine.dispose()
+
+
+def fill(dsn: str, count: int, chunk: int, rare: int) -> float:
+    """``count`` events, ``chunk`` a transaction, ordered; the seconds it took."""
+    started = time.perf_counter()
+    with psycopg.connect(dsn) as conn:
+        done = 0
+        while done < count:
+            hi = min(count, done + chunk)
+            params = {
+                "lo": done + 1,
+                "hi": hi,
+                "count": count,
+                "rare": rare,
+                "first_build": FIRST_BUILD,
+            }
+            conn.execute(FILL_CHUNK, {**params, "rare_topic": RARE_TOPIC})
+            conn.execute(FILL_ORDER)
+            conn.commit()
+            done = hi
+            log(f"  {done:>12,} / {count:,} events ({time.perf_counter() - started:.0f} s)")
+        conn.execute(FILL_STATE, {"last_seq": count})
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("VACUUM ANALYZE herald_events, herald_log")
+    return time.perf_counter() - started
+
+
+def prepare(args: argparse.Namespace, label: str, count: int) -> Log:
+    admin = make_url(args.admin)
+    name = f"{args.database}_{label}"
+    if args.reuse:
+        try:
+            url = admin.set(database=name)
+            with psycopg.connect(conninfo(url)) as conn:
+                row = conn.execute("SELECT last_seq FROM herald_sequencer").fetchone()
+            if row is not None and row[0] >= count:
+                log(f"{name}: reused, {row[0]:,} events")
+                return Log(label, name, url, int(row[0]))
+        except psycopg.Error:
+            pass
+    log(f"{name}: creating and filling {count:,} events, {args.chunk:,} a transaction")
+    url = create_scratch(admin, name, BUILD_ROWS)
+    seconds = fill(conninfo(url), count, args.chunk, args.rare_every)
+    log(f"{name}: filled in {seconds:.1f} s")
+    scale = Log(label, name, url, count, seconds)
+    with scale.engine.connect() as conn:
+        found = Sequencer().cycle(conn)
+        if found:
+            raise SystemExit(f"{name}: a sequencer ordered {found} events again after the fill")
+        if head(conn) != count:
+            raise SystemExit(f"{name}: the log's head is {head(conn)}, not {count}")
+        conn.rollback()
+    return scale
+
+
+def autovacuum(scale: Log) -> None:
+    """VACUUM / ANALYZE what autovacuum would have by now (untimed)."""
+    with psycopg.connect(scale.dsn, autocommit=True) as conn:
+        for table, vacuum, analyze in conn.execute(AUTOVACUUM_DUE).fetchall():
+            what = " ".join(w for w, due in (("VACUUM", vacuum), ("ANALYZE", analyze)) if due)
+            if what:
+                conn.execute(f'{what} "{table}"')
+                scale.maintenance.append(f"{what} {table}")
+
+
+def measure_sizes(scale: Log) -> None:
+    with psycopg.connect(scale.dsn) as conn:
+        scale.sizes = [
+            (table, part, int(size), int(total))
+            for table, part, size, total in conn.execute(SIZES).fetchall()
+        ]
+
+
+def counts(scale: Log) -> tuple[int, int, int]:
+    """(events, log rows, head): every event ordered once at the end of the run."""
+    with psycopg.connect(scale.dsn) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM herald_events), (SELECT count(*) FROM herald_log), "
+            "(SELECT coalesce(max(seq), 0) FROM herald_log)"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+# -- the measurements ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Figures:
+    """Every measured rate: (measurement, log label) → one rate per round."""
+
+    rates: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    #: measurement → its unit
+    units: dict[str, str] = field(default_factory=dict)
+    #: what was read or appended, for the text (measurement, log) → notes per round
+    notes: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def add(self, name: str, scale: Log, rate: float, unit: str, note: str = "") -> None:
+        self.rates.setdefault((name, scale.label), []).append(rate)
+        self.units[name] = unit
+        if note:
+            self.notes.setdefault((name, scale.label), []).append(note)
+        log(f"  {scale.label:5} {name:48} {rate:>10,.0f} {unit}{f'  ({note})' if note else ''}")
+
+    @property
+    def names(self) -> list[str]:
+        return list(dict.fromkeys(name for name, _ in self.rates))
+
+
+def read_window(engine: sa.Engine, after: int, window: int, page: int, topics: TopicFilter) -> Run:
+    """``read_page`` from ``after``, page by page, until ``window`` seqs are behind.
+
+    As a consumer reads: each page is bounded by the head (not by the window's
+    end), so the statement is the one a consumer that far behind sends.
+    """
+    start, entries, pages = after, 0, 0
+    with engine.connect() as conn:
+        started = time.perf_counter()
+        while after < start + window:
+            found = read_page(conn, after, page, topics or None)
+            conn.rollback()
+            entries += len(found.entries)
+            pages += 1
+            after = found.next_after
+            if found.at_head:
+                break
+        seconds = time.perf_counter() - started
+    return Run(after - start, entries, pages, seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    seqs: int
+    entries: int
+    pages: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.seqs / self.seconds
+
+
+def measure_reads(scale: Log, figures: Figures, args: argparse.Namespace) -> None:
+    with scale.engine.connect() as conn:
+        top = head(conn)
+        conn.rollback()
+    starts = {"newest": max(0, top - args.window), "start of the log": 0}
+    for where, after in starts.items():
+        for label, topics in FILTERS.items():
+            run = read_window(scale.engine, after, args.window, args.page, TopicFilter(topics))
+            figures.add(
+                f"read_page, {where}, {label}",
+                scale,
+                run.rate,
+                "seqs/s",
+                f"{run.entries:,} entries in {run.pages} pages",
+            )
+
+
+def _noop(_entry: LogEntry) -> None:
+    return None
+
+
+def measure_daemon(scale: Log, figures: Figures, args: argparse.Namespace, number: int) -> None:
+    with scale.engine.connect() as conn:
+        top = head(conn)
+        conn.rollback()
+    starts = {"newest": max(0, top - args.window), "start of the log": 0}
+    for where, after in starts.items():
+        name = f"scale-{number}-{'new' if after else 'old'}"
+        with scale.engine.begin() as conn:
+            consumer_store.ensure_consumer(conn, name)
+            consumer_store.reset_offset(conn, name, after)
+        consumer = Consumer(name, ["*"], _noop, delivery="at_least_once")
+        started = time.perf_counter()
+        daemon = Daemon(scale.engine, [consumer]).start()
+        try:
+            wait_for(scale.engine, name, after + args.window, timeout=600)
+            seconds = time.perf_counter() - started
+        finally:
+            daemon.stop()
+        figures.add(f"daemon (no-op consumer), {where}", scale, args.window / seconds, "events/s")
+
+
+def _segment(pool: WriterPool, writers: int, args: argparse.Namespace, number: int) -> float:
+    seconds: float = args.seconds
+    results = pool.run(Segment("herald_psycopg", writers, 0.0, args.warmup, seconds, number))
+    return sum(r.transactions for r in results) / seconds
+
+
+def measure_appends(scale: Log, figures: Figures, args: argparse.Namespace, number: int) -> None:
+    if scale.pool is None:
+        scale.pool = WriterPool("process", max(args.writers), scale.dsn, scale.text_url, BUILD_ROWS)
+    pool = scale.pool
+    for writers in args.writers:
+        who = f"{writers} writer{'s' if writers > 1 else ''}"
+        rate = _segment(pool, writers, args, number)
+        figures.add(f"append, {who}, no sequencer", scale, rate, "tx/s")
+
+        # The backlog those left: one sequencer catches up (one cycle orders it all).
+        with scale.engine.connect() as conn:
+            before = head(conn)
+            conn.rollback()
+            sequencer = Sequencer()
+            started = time.perf_counter()
+            ordered = 0
+            while found := sequencer.cycle(conn):
+                ordered += found
+            seconds = time.perf_counter() - started
+        if ordered:
+            figures.add(
+                f"sequencer ordering the backlog of {who}",
+                scale,
+                ordered / seconds,
+                "events/s",
+                f"{ordered:,} events after seq {before:,} in {1000 * seconds:.0f} ms",
+            )
+
+        stop, active = threading.Event(), threading.Event()
+        running = Sequencer()
+        engine = create_engine(scale.text_url)
+        thread = threading.Thread(
+            target=run_sequencer,
+            args=(engine, stop),
+            kwargs={"on_active": active, "sequencer": running},
+            name="bench-sequencer",
+            daemon=True,
+        )
+        thread.start()
+        try:
+            if not active.wait(30):
+                raise SystemExit(f"{scale.database}: the sequencer did not become active")
+            rate = _segment(pool, writers, args, number)
+        finally:
+            stop.set()
+            thread.join(30)
+            engine.dispose()
+        figures.add(
+            f"append, {who}, sequencer running",
+            scale,
+            rate,
+            "tx/s",
+            f"{running.stats.sequenced:,} events ordered in {running.stats.cycles:,} cycles",
+        )
+        with scale.engine.connect() as conn:
+            Sequencer().cycle(conn)  # what committed after the sequencer stopped
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _cell(values: Sequence[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:,.0f}"
+    return f"{_median(values):,.0f} ({min(values):,.0f}–{max(values):,.0f})"
+
+
+def result_rows(figures: Figures, small: Log, big: Log) -> list[list[str]]:
+    rows = []
+    for name in figures.names:
+        a = figures.rates.get((name, small.label), [])
+        b = figures.rates.get((name, big.label), [])
+        ratio = _median(b) / _median(a) if a and b else float("nan")
+        verdict = "meets" if ratio >= 1 / TARGET else "**misses**"
+        rows.append([name, figures.units[name], _cell(a), _cell(b), f"{ratio:.2f}", verdict])
+    return rows
+
+
+def size_rows(small: Log, big: Log) -> list[list[str]]:
+    small_sizes = {(t, p): s for t, p, s, _ in small.sizes}
+    rows = []
+    for table, part, size, _total in big.sizes:
+        rows.append(
+            [f"`{table}`", f"`{part}`", _mib(small_sizes.get((table, part), 0)), _mib(size)]
+        )
+    for table in dict.fromkeys(t for t, _, _, _ in big.sizes):
+        totals = [total for t, _, _, total in big.sizes if t == table]
+        small_totals = [total for t, _, _, total in small.sizes if t == table]
+        rows.append(
+            [
+                f"`{table}`",
+                "**total** (`pg_total_relation_size`)",
+                _mib(small_totals[0] if small_totals else 0),
+                _mib(totals[0]),
+            ]
+        )
+    return rows
+
+
+def _maintenance(scale: Log) -> str:
+    done = Counter(scale.maintenance)
+    return ", ".join(f"{what} ×{count}" for what, count in sorted(done.items())) or "nothing"
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
+RESULT_HEADER: Final = ("measurement", "unit", "small log", "big log", "big / small", "verdict")
+SIZE_HEADER: Final = ("table", "part", "small log", "big log")
+
+
+@dataclass(slots=True)
+class Report:
+    args: argparse.Namespace
+    machine: Machine
+    figures: Figures
+    small: Log
+    big: Log
+    #: (events, log rows, head) of each log at the end
+    final: dict[str, tuple[int, int, int]]
+    settings: dict[str, str]
+    elapsed: float = 0.0
+
+
+def server_settings(dsn: str) -> dict[str, str]:
+    names = ("shared_buffers", "effective_cache_size", "work_mem", "autovacuum", "max_wal_size")
+    found = {}
+    with psycopg.connect(dsn) as conn:
+        for name in names:
+            row = conn.execute(f"SHOW {name}").fetchone()
+            found[name] = str(row[0]) if row else "?"
+    return found
+
+
+def markdown(report: Report) -> str:
+    args, m, small, big = report.args, report.machine, report.small, report.big
+    rows = result_rows(report.figures, small, big)
+    missed = [row[0] for row in rows if "misses" in row[5]]
+    verdict = (
+        "every rate is within 1.25× (**meets**)"
+        if not missed
+        else f"**misses** on {len(missed)} of {len(rows)}: " + "; ".join(missed)
+    )
+    settings = ", ".join(f"`{k}={v}`" for k, v in report.settings.items())
+    fills = "; ".join(
+        f"{s.label} log: {s.events:,} events"
+        + (f" in {s.fill_seconds:.1f} s" if s.fill_seconds else " (reused)")
+        for s in (small, big)
+    )
+    ends = "; ".join(
+        f"{s.label}: {report.final[s.label][0]:,} events, {report.final[s.label][1]:,} "
+        f"ordered, head {report.final[s.label][2]:,}"
+        for s in (small, big)
+    )
+    maintenance = "; ".join(f"{s.label} log: {_maintenance(s)}" for s in (small, big))
+    writers = " ".join(str(w) for w in args.writers)
+    return f"""{BEGIN_MARK}
+
+## B7 — append and read rates with {args.big:,} events in the log (issue #6)
+
+Date: {datetime.now(UTC):%Y-%m-%d}. Script: `bench/scale.py` (whole run {report.elapsed:.0f} s).
+{git_revision()}.
+
+**Machine.** {m.cores} cores ({m.cpu_model}), {m.ram_gib:.1f} GiB RAM, PostgreSQL
+{m.server_version} on the same machine, {settings}; other client sessions on the server at
+the start: {m.other_sessions}; load average (1 min) {m.load[0]:.2f} at the start.
+
+**Reproduce.** `make bench`, or `.venv/bin/python -m bench.scale --small {args.small}
+--big {args.big} --rounds {args.rounds} --window {args.window} --seconds {args.seconds:g}
+--writers {writers}` (`--chunk`, `--page`, `--warmup`, `--rare-every`, `--no-daemon`, `--admin`,
+`--database`, `--help`).
+
+**The logs.** Filled by `INSERT ... SELECT generate_series`, {args.chunk:,} events a
+transaction, then ordered and vacuumed: {fills}. Builds' lifecycles (`build_queued`,
+`build_started`, three `step_started`/`step_finished` with a log path, `build_finished` with
+0–3 `dependent_ids`); build ids from {FIRST_BUILD:,}, so that rows are the same sizes in
+both logs and so is the room left in full heap pages (the free space map sends later
+appends to any page with room); each build an aggregate (its events versioned) but
+`build_finished`, appended as the queue runner does, with no aggregate; one event in
+{args.rare_every:,} a `{RARE_TOPIC}` (the rare topic). At the end: {ends}. Between turns
+the script did what autovacuum would have (the server runs with `autovacuum` as shown above):
+{maintenance}.
+
+**What is measured**, {args.rounds} rounds, the logs alternating (mirrored), the same way on
+each:
+
+- *read_page*: `herald.outbox.read_page` page by page ({args.page:,} a page, each bounded by
+  the head as a reader's is) through {args.window:,} seqs from {args.window:,} before the
+  head and from the start of the log, with no topic filter (what `LogReader` sends), with
+  `build_finished` (one event in nine of the fill) and with the rare topic (a filtered page
+  spans at most 10,000 seqs); seqs of log gone through per second;
+- *daemon*: `herald.consumers.Daemon` with one no-op consumer (`topics=["*"]`, at_least_once,
+  batch 500, a delivery record per event) from an offset {args.window:,} before the head and
+  from the start, until `wait_for` sees the {args.window:,}th seq finished; start-up included;
+- *append*: B1's `herald (psycopg)` writer processes (`UPDATE bench_builds` + one
+  `build_finished` by `herald.outbox.append` on a psycopg connection, committed),
+  {args.seconds:g} s after {args.warmup:g} s of warm-up: with no sequencer; then one
+  `Sequencer().cycle()` orders the backlog they left (its rate); then again while
+  `run_sequencer` (what `herald run` runs) orders the events as they commit.
+
+Each cell: the median of the rounds (min–max); the target is big / small ≥ {1 / TARGET:.2f}.
+
+{md_table(RESULT_HEADER, rows)}
+
+Result: {verdict}.
+
+Sizes at the end of the run (`pg_relation_size` of the heap and of each index):
+
+{md_table(SIZE_HEADER, size_rows(small, big))}
+
+{END_MARK}
+"""
+
+
+def print_report(report: Report) -> None:
+    print()
+    rows = [
+        [c.replace("**", "") for c in row]
+        for row in result_rows(report.figures, report.small, report.big)
+    ]
+    print(text_table(RESULT_HEADER, rows))
+    print()
+    print(
+        text_table(
+            SIZE_HEADER,
+            [[c.replace("`", "") for c in row] for row in size_rows(report.small, report.big)],
+        )
+    )
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scale",
+        description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
+    )
+    parser.add_argument("--small", type=int, default=100_000, help="Events in the small log.")
+    parser.add_argument("--big", type=int, default=10_000_000, help="Events in the big log.")
+    parser.add_argument("--chunk", type=int, default=1_000_000, help="Events per fill transaction.")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds (each log once a round).")
+    parser.add_argument("--window", type=int, default=100_000, help="Seqs read per read run.")
+    parser.add_argument("--page", type=int, default=1000, help="Entries per read_page.")
+    parser.add_argument(
+        "--writers", type=int, nargs="+", default=[1, 4], help="Writer process counts."
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="Seconds per append run.")
+    parser.add_argument("--warmup", type=float, default=0.5, help="Warm-up per append run.")
+    parser.add_argument(
+        "--rare-every", type=int, default=10_000, help="One event in N has the rare topic."
+    )
+    parser.add_argument(
+        "--daemon", action=argparse.BooleanOptionalAction, default=True, help="Measure the daemon."
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="Use the scratch databases as they are if they hold enough events (no refill).",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="Leave the scratch databases (to investigate)."
+    )
+    add_server_options(parser, "herald_bench_scale")
+    args = parser.parse_args(argv)
+    if min(args.small, args.big, args.chunk, args.rounds, args.page, args.rare_every) < 1:
+        parser.error("sizes, --chunk, --rounds, --page and --rare-every must be at least 1")
+    if args.window > args.small:
+        parser.error("--window must not be larger than --small")
+    if args.seconds <= 0 or args.warmup < 0 or min(args.writers) < 1:
+        parser.error("--seconds must be positive, --warmup not negative, --writers at least 1")
+    args.writers = sorted(set(args.writers))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    began = time.monotonic()
+    admin = make_url(args.admin)
+    logs: list[Log] = []
+    try:
+        small = prepare(args, "small", args.small)
+        logs.append(small)
+        big = prepare(args, "big", args.big)
+        logs.append(big)
+        machine = describe_machine(admin, big.database)
+        settings = server_settings(big.dsn)
+        figures = Figures()
+        steps: list[Callable[[Log, int], None]] = [
+            lambda s, _n: measure_reads(s, figures, args),
+            *([lambda s, n: measure_daemon(s, figures, args, n)] if args.daemon else []),
+            lambda s, n: measure_appends(s, figures, args, n),
+        ]
+        for number in range(args.rounds):
+            order = (small, big) if number % 2 == 0 else (big, small)
+            for scale in order:
+                log(f"round {number + 1}/{args.rounds}: {scale.label} log ({scale.database})")
+                for step in steps:
+                    step(scale, number)
+                autovacuum(scale)
+        for scale in logs:
+            measure_sizes(scale)
+        final = {s.label: counts(s) for s in logs}
+        for label, (events, ordered, top) in final.items():
+            if not events == ordered == top:
+                raise SystemExit(f"{label} log: {events} events, {ordered} ordered, head {top}")
+        report = Report(args, machine, figures, small, big, final, settings)
+    finally:
+        for scale in logs:
+            scale.close()
+        if not args.keep:
+            for label in ("small", "big"):
+                drop_scratch(admin, f"{args.database}_{label}")
+    report.elapsed = time.monotonic() - began
+    print_report(report)
+    section = markdown(report)
+    write_section(Path(args.markdown), "bench.scale", section)
+    log(f"wrote {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
