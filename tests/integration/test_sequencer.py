@@ -276,3 +276,26 @@ def test_savepoints(pg_engine: sa.Engine) -> None:
         with conn.begin_nested():
             append(conn, "build_started", {"build_id": 3})
     assert [e.payload["build_id"] for e in read_all(pg_engine)] == [1, 3]
+
+
+def test_a_cycle_commits_without_waiting_for_the_disk_and_only_itself(
+    pg_engine: sa.Engine,
+) -> None:
+    """The cycle's transaction commits asynchronously (see migration 0005); the
+    setting ends with it, so a pooled connection's next transaction (a writer's,
+    say) waits for its flush as usual."""
+    with pg_engine.begin() as conn:
+        append(conn, "acme.tick", {"n": 1})
+    with pg_engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "on"
+        conn.rollback()
+        ordered, _ = conn.exec_driver_sql("SELECT * FROM herald_sequence_v1()").one()
+        assert ordered == 1
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "off"
+        conn.commit()
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "on"
+        conn.rollback()
+        # A look that finds nothing writes nothing and changes nothing.
+        assert conn.exec_driver_sql("SELECT * FROM herald_sequence_v1()").one()[0] == 0
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "on"
+        conn.rollback()

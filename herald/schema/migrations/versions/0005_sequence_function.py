@@ -46,20 +46,31 @@ depends_on = None
 # snapshot (READ COMMITTED), as separate statements in one transaction do; the
 # ordering statement sees at least what `cur` sees.
 #
+# The cycle commits without waiting for its WAL to reach the disk
+# (synchronous_commit off, for its own transaction): a writer's commit then
+# never queues behind the sequencer's flush, and a cycle ends a flush sooner.
+# Nothing durable can depend on a cycle that a crash takes back: whoever acts
+# on a seq commits after reading it (a consumer's offset and records, with
+# synchronous_commit on), and flushing that commit flushes the WAL before it,
+# the cycle's included. A crash in between only means the lost cycle's events
+# are ordered again after the restart, and delivered again: at least once.
+#
 # The two branches of "not visible in prev" are separate index scans on `tx`
 # (as one OR, or with xip(prev) as a subquery, the planner reads the whole
-# log); `plan_cache_mode = force_custom_plan` plans every statement with the
-# values of this call, as a statement sent with its parameters would be.
+# log). The queries on herald_events run through EXECUTE ... USING: planned
+# each time with this call's values, as a statement sent with its parameters
+# is (a plan cached for any snapshot could scan the whole log). Not with a
+# `SET plan_cache_mode` on the function: a function's SET clause undoes, at
+# its exit, the SET LOCAL of synchronous_commit above.
 _SEQUENCE = r"""
 CREATE FUNCTION herald_sequence_v1(OUT ordered bigint, OUT newest bigint)
 LANGUAGE plpgsql
-SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     stored text;
     prev pg_snapshot;
     cur pg_snapshot;
-    prev_xip xid8[];
+    found_one boolean;
 BEGIN
     ordered := 0;
     -- The look: has anything committed since the stored snapshot? A read: an idle
@@ -67,35 +78,38 @@ BEGIN
     SELECT s.snapshot, s.last_seq INTO stored, newest FROM herald_sequencer AS s WHERE s.id = 1;
     prev := coalesce(stored, '1:1:')::pg_snapshot;
     cur := pg_current_snapshot();
-    prev_xip := ARRAY(SELECT pg_snapshot_xip(prev));
-    PERFORM 1 FROM (
-        SELECT e.position FROM herald_events AS e
-        WHERE e.tx >= pg_snapshot_xmax(prev) AND e.tx < pg_snapshot_xmax(cur)
-          AND pg_visible_in_snapshot(e.tx, cur)
-        UNION ALL
-        SELECT e.position FROM herald_events AS e
-        WHERE e.tx = ANY (prev_xip) AND pg_visible_in_snapshot(e.tx, cur)
-    ) AS n LIMIT 1;
-    IF NOT FOUND THEN
+    EXECUTE $q$
+        SELECT EXISTS (
+            SELECT 1 FROM herald_events AS e
+            WHERE e.tx >= pg_snapshot_xmax($1) AND e.tx < pg_snapshot_xmax($2)
+              AND pg_visible_in_snapshot(e.tx, $2)
+            UNION ALL
+            SELECT 1 FROM herald_events AS e
+            WHERE e.tx = ANY ($3) AND pg_visible_in_snapshot(e.tx, $2)
+        )
+    $q$ INTO found_one USING prev, cur, ARRAY(SELECT pg_snapshot_xip(prev));
+    IF NOT found_one THEN
         RETURN;
     END IF;
 
     -- The cycle: lock the state, then take the snapshot (see the argument above).
+    PERFORM set_config('synchronous_commit', 'off', true);
     SELECT s.snapshot, s.last_seq INTO stored, newest
     FROM herald_sequencer AS s WHERE s.id = 1 FOR UPDATE;
     prev := coalesce(stored, '1:1:')::pg_snapshot;
     cur := pg_current_snapshot();
-    prev_xip := ARRAY(SELECT pg_snapshot_xip(prev));
-    INSERT INTO herald_log (seq, position)
-    SELECT newest + row_number() OVER (ORDER BY n.tx, n.position), n.position
-    FROM (
-        SELECT e.tx, e.position FROM herald_events AS e
-        WHERE e.tx >= pg_snapshot_xmax(prev) AND e.tx < pg_snapshot_xmax(cur)
-          AND pg_visible_in_snapshot(e.tx, cur)
-        UNION ALL
-        SELECT e.tx, e.position FROM herald_events AS e
-        WHERE e.tx = ANY (prev_xip) AND pg_visible_in_snapshot(e.tx, cur)
-    ) AS n;
+    EXECUTE $q$
+        INSERT INTO herald_log (seq, position)
+        SELECT $1 + row_number() OVER (ORDER BY n.tx, n.position), n.position
+        FROM (
+            SELECT e.tx, e.position FROM herald_events AS e
+            WHERE e.tx >= pg_snapshot_xmax($2) AND e.tx < pg_snapshot_xmax($3)
+              AND pg_visible_in_snapshot(e.tx, $3)
+            UNION ALL
+            SELECT e.tx, e.position FROM herald_events AS e
+            WHERE e.tx = ANY ($4) AND pg_visible_in_snapshot(e.tx, $3)
+        ) AS n
+    $q$ USING newest, prev, cur, ARRAY(SELECT pg_snapshot_xip(prev));
     GET DIAGNOSTICS ordered = ROW_COUNT;
     IF ordered > 0 THEN
         newest := newest + ordered;
