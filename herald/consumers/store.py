@@ -39,6 +39,7 @@ from herald.outbox import LogEntry
 from herald.outbox.reader import entries_at
 from herald.schema import consumers, deliveries, parked
 from herald.schema.dberrors import translated
+from herald.schema.queries import QUERIES
 
 __all__ = [
     "ConsumerRow",
@@ -207,6 +208,12 @@ def ensure_consumer(conn: sa.Connection, name: str) -> None:
 
 def consumer_row(conn: sa.Connection, name: str) -> ConsumerRow | None:
     """The consumer's row, or None if it has never run."""
+    if conn.dialect.name == "postgresql":
+        # The daemon reads it before every page: the named statement as it is, with
+        # none of SQLAlchemy's building and compiling (a third of the CPU).
+        with translated():
+            found = conn.exec_driver_sql(QUERIES["consumer_row"], (name,)).one_or_none()
+        return None if found is None else _consumer(found)
     with translated():
         row = conn.execute(
             sa.select(
@@ -286,16 +293,21 @@ def _fence(conn: sa.Connection, name: str, token: str, epoch: int, old: int, new
     False: the consumer was reset since ``epoch`` (the offset is the
     operator's now). Raises LostClaim if another process owns it.
     """
-    result = conn.execute(
-        consumers.update()
-        .where(
-            consumers.c.name == name,
-            consumers.c.owner == token,
-            consumers.c.epoch == epoch,
-            consumers.c.offset_seq == old,
+    if conn.dialect.name == "postgresql":
+        # Once per page committed: the named statement, as consumer_row's.
+        params = (new, now(), name, token, epoch, old)
+        result = conn.exec_driver_sql(QUERIES["consumer_fence"], params)
+    else:
+        result = conn.execute(
+            consumers.update()
+            .where(
+                consumers.c.name == name,
+                consumers.c.owner == token,
+                consumers.c.epoch == epoch,
+                consumers.c.offset_seq == old,
+            )
+            .values(offset_seq=new, updated_at=now())
         )
-        .values(offset_seq=new, updated_at=now())
-    )
     if result.rowcount == 1:
         return True
     row = conn.execute(

@@ -63,3 +63,13 @@ WHERE l.seq > %(after)s AND l.seq <= %(bound)s
        OR e.topic LIKE ANY (CAST(%(patterns)s AS text[])))
 ORDER BY l.seq
 LIMIT %(limit)s
+
+-- consumer_row --
+-- A consumer's row, as the daemon looks at it before every page (psycopg %s placeholders).
+SELECT name, offset_seq, owner, lease_until, control, updated_at, epoch, records_floor
+FROM herald_consumers WHERE name = %s
+
+-- consumer_fence --
+-- Move a consumer's offset if this claim and epoch still hold (psycopg %s placeholders): new offset, now, name, owner, epoch, old offset.
+UPDATE herald_consumers SET offset_seq = %s, updated_at = %s
+WHERE name = %s AND owner = %s AND epoch = %s AND offset_seq = %s
