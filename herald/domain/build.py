@@ -368,13 +368,15 @@ class Build(Aggregate):
         build = cls.__new__(cls)
         build.__base_init__(originator_id, cls.INITIAL_VERSION, timestamp)
         cls.__init__(build, build_id, jobset_id, job, drv_path, system, priority, dependencies)
-        # The metaclass makes each event class a dataclass; mypy cannot see its fields.
-        queued: Any = cls.Queued
-        created = queued(
-            originator_topic=_BUILD_TOPIC,
+        # The event's fields set as its dataclass __init__ sets them, in the same
+        # order, in one step (a frozen dataclass sets them one object.__setattr__ at
+        # a time, and checks that the id is a UUID: it is one, made just above).
+        created = cls.Queued.__new__(cls.Queued)
+        vars(created).update(
             originator_id=originator_id,
             originator_version=cls.INITIAL_VERSION,
             timestamp=timestamp,
+            originator_topic=_BUILD_TOPIC,
             build_id=build_id,
             jobset_id=jobset_id,
             job=job,

@@ -1,13 +1,15 @@
 """The shortcuts bulk saves take, against the general code they stand in for.
 
 ``Build.queue`` against ``Build(...)``; ``Build.create_id`` against
-:func:`uuid.uuid5`; the catalogue's fast path for its own topics; the order
-a save appends events in; the garbage collector paused for a bulk operation.
+:func:`uuid.uuid5`; the catalogue's fast path for its own topics; ``json_text``
+against :func:`json.dumps`; the order a save appends events in; the garbage
+collector paused for a bulk operation.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,8 +19,8 @@ from uuid import NAMESPACE_URL, uuid5
 
 import pytest
 
-from herald.domain import CATALOGUE, TOPIC_PATTERN, Build, to_log
-from herald.errors import UsageError
+from herald.domain import CATALOGUE, TOPIC_PATTERN, Build, json_text, to_log, validate_event
+from herald.errors import InvalidPayload, UsageError
 from herald.outbox import unit_of_work
 from herald.outbox.unit_of_work import PAUSE_COLLECTOR_FROM, collector_paused
 
@@ -43,7 +45,10 @@ def test_queue_makes_what_the_constructor_makes(fixed_clock: None, args: tuple[A
     assert type(queued) is Build
     assert made == queued  # every attribute, the pending Queued event included
     (event,) = queued.collect_events()
-    assert to_log(event) == to_log(made.collect_events()[0])
+    (made_event,) = made.collect_events()
+    assert type(event) is type(made_event)
+    assert list(vars(event).items()) == list(vars(made_event).items())  # in the same order
+    assert to_log(event) == to_log(made_event)
     queued.start()
     assert queued.version == 2
     assert [e.originator_version for e in queued.collect_events()] == [2]
@@ -155,3 +160,37 @@ def test_a_collector_that_was_off_stays_off(collector_on: None) -> None:
     with collector_paused(10**6):
         assert not gc.isenabled()
     assert not gc.isenabled()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"build_id": 1, "job": "hello", "dependencies": [1, 2, 3]},
+        {"ü": "日本", "nested": {"a": [None, True, False, 1.5, -2]}, "empty": {}},
+        {"quote": "'\"\\\\", "control": "\x01\n\t", "big": 2**70},
+        [1, "two", [3.0]],
+        "text",
+    ],
+)
+def test_json_text_is_what_json_dumps_makes(value: Any) -> None:
+    assert json_text(value) == json.dumps(
+        value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [({"n": float("nan")}, ValueError), ({"s": {1, 2}}, TypeError), ({(1, 2): "x"}, TypeError)],
+)
+def test_json_text_refuses_what_json_dumps_refuses(value: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        json_text(value)
+    with pytest.raises(error):
+        json.dumps(value, allow_nan=False)
+
+
+def test_a_payload_that_contains_itself_is_refused_clearly() -> None:
+    payload: dict[str, Any] = {"build_id": 1}
+    payload["self"] = payload
+    with pytest.raises(InvalidPayload, match="not serialisable as JSON"):
+        validate_event("acme.loop", payload)
