@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 from herald.domain import LogEvent
 from herald.domain.build import unwaited_reason
-from herald.outbox.append import COPY_MIN_ROWS, CopyRows, copy_rows, prepare_copy
+from herald.outbox.append import COPY_MIN_ROWS, copy_rows
 from herald.schema import (
     PROJECTIONS,
     build_dependencies,
@@ -119,10 +119,11 @@ def _build_queued(e: LogEvent) -> list[Op]:
         "finished_at": None,
         "updated_at": e.occurred_at,
     }
-    edges = [
-        (_insert(build_dependencies), {"build_id": p["build_id"], "depends_on": d})
-        for d in p["dependencies"]
-    ]
+    # Once per build an evaluation adds (tens of thousands at once): the
+    # statements are looked up once, not once per edge.
+    insert_edge = _insert(build_dependencies)
+    build_id = p["build_id"]
+    edges = [(insert_edge, {"build_id": build_id, "depends_on": d}) for d in p["dependencies"]]
     return [(_insert(builds), row), *edges]
 
 
@@ -272,32 +273,42 @@ _HANDLERS: dict[str, Callable[[LogEvent], list[Op]]] = {
 PROJECTED_TOPICS = frozenset(_HANDLERS)
 
 
-def _owner(params: dict[str, Any]) -> object:
-    """The build (or evaluation) whose rows an op writes."""
-    for name in ("k_build_id", "build_id", "k_aggregate_id", "aggregate_id"):
-        if name in params:
-            return params[name]
-    raise KeyError("a projection op names no build or evaluation")
+#: Each statement's table, and the parameter that names the build (or evaluation)
+#: whose rows it writes (filled as statements are first seen; they are few).
+_OWNER: dict[sa.Executable, tuple[str, str]] = {}
+
+
+def _owner(stmt: sa.Executable, params: dict[str, Any]) -> tuple[str, object]:
+    """The table and the build (or evaluation) whose rows an op writes."""
+    found = _OWNER.get(stmt)
+    if found is None:
+        table: str = stmt.table.name  # type: ignore[attr-defined]
+        for name in ("k_build_id", "build_id", "k_aggregate_id", "aggregate_id"):
+            if name in params:
+                found = _OWNER[stmt] = (table, name)
+                break
+        else:
+            raise KeyError("a projection op names no build or evaluation")
+    return found[0], params[found[1]]
 
 
 @dataclass(frozen=True, slots=True)
 class ProjectionPlan:
     """The statements that apply some log events to the projections, to run in this
-    order: each an executemany of its parameters, or (PostgreSQL) a COPY of new rows."""
+    order, each with a batch of parameters."""
 
-    batches: list[tuple[sa.Executable, list[dict[str, Any]] | CopyRows]]
+    batches: list[tuple[sa.Executable, list[dict[str, Any]]]]
     #: how many of the events change a projection
     applied: int
 
 
-def plan_projection(log_events: Iterable[LogEvent], *, copy: bool = False) -> ProjectionPlan:
+def plan_projection(log_events: Iterable[LogEvent]) -> ProjectionPlan:
     """The statements that apply ``log_events`` (in log order) to the projections.
 
     Pure Python, no database: the unit of work makes the plan while the
     database is still writing the log rows (see :func:`append_many`'s
     ``while_writing``). Events of other topics (custom ones, notifications
-    with no state) are passed over. ``copy`` (PostgreSQL): a batch of at
-    least :data:`COPY_MIN_ROWS` new rows is made ready for a binary COPY.
+    with no state) are passed over.
     """
     # Batching. Each statement writes rows of one table, all of one build (or
     # evaluation), and reads nothing else, so what must keep its order is the
@@ -316,7 +327,7 @@ def plan_projection(log_events: Iterable[LogEvent], *, copy: bool = False) -> Pr
             continue
         applied += 1
         for stmt, params in handler(event):
-            row = (stmt.table.name, _owner(params))  # type: ignore[attr-defined]
+            row = _owner(stmt, params)
             at = index.get(stmt)
             if at is not None and (
                 isinstance(stmt, sa.Insert)
@@ -332,23 +343,17 @@ def plan_projection(log_events: Iterable[LogEvent], *, copy: bool = False) -> Pr
             index[stmt] = len(batches)
             batches.append((stmt, [params], {row}))
     done += [(stmt, params) for stmt, params, _ in batches]
-    return ProjectionPlan(
-        [
-            (stmt, prepare_copy(stmt.table, params))
-            if copy and isinstance(stmt, sa.Insert) and len(params) >= COPY_MIN_ROWS
-            else (stmt, params)
-            for stmt, params in done
-        ],
-        applied,
-    )
+    return ProjectionPlan(done, applied)
 
 
 def write_projection(conn: sa.Connection, plan: ProjectionPlan) -> int:
     """Run ``plan``'s statements in ``conn``'s transaction; returns how many events it
-    applied."""
+    applied. On PostgreSQL a batch of at least :data:`COPY_MIN_ROWS` new rows goes by
+    binary COPY."""
+    copy = conn.dialect.name == "postgresql"
     for stmt, batch in plan.batches:
-        if isinstance(batch, CopyRows):
-            copy_rows(conn, batch)
+        if copy and isinstance(stmt, sa.Insert) and len(batch) >= COPY_MIN_ROWS:
+            copy_rows(conn, stmt.table, batch)
         else:
             conn.execute(stmt, batch)
     return plan.applied
@@ -360,8 +365,7 @@ def project(conn: sa.Connection, log_events: Iterable[LogEvent]) -> int:
     Events of other topics (custom ones, notifications with no state) are
     passed over. Runs in ``conn``'s transaction.
     """
-    copy = conn.dialect.name == "postgresql"
-    return write_projection(conn, plan_projection(log_events, copy=copy))
+    return write_projection(conn, plan_projection(log_events))
 
 
 def log_event(row: Any) -> LogEvent:

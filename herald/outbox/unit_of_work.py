@@ -123,23 +123,12 @@ class UnitOfWork:
         """
         with collector_paused(len(self._aggregates)):
             log_events = [to_log(event) for event in _in_command_order(self._aggregates.values())]
-            new = [
-                NewEvent(
-                    e.topic,
-                    e.payload,
-                    aggregate_id=e.aggregate_id,
-                    aggregate_version=e.aggregate_version,
-                    occurred_at=e.occurred_at,
-                )
-                for e in log_events
-            ]
             plans: list[ProjectionPlan] = []
-            copy = self.conn.dialect.name == "postgresql"
             positions = append_many(
                 self.conn,
-                [*new, *self._notifications, *notifications],
+                [*log_events, *self._notifications, *notifications],
                 # Planned while the server writes the log rows: the two overlap.
-                while_writing=lambda: plans.append(plan_projection(log_events, copy=copy)),
+                while_writing=lambda: plans.append(plan_projection(log_events)),
             )
             self._notifications.clear()
             with translated():

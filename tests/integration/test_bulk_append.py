@@ -1,10 +1,12 @@
 """Bulk writes: on PostgreSQL long runs of events and projection rows go by binary COPY.
 
-Every test compares the COPY path with the INSERT path it replaces (the
-threshold :data:`herald.outbox.append.COPY_MIN_ROWS` raised out of reach), or
-checks a guarantee on it: dedupe keys, version conflicts, errors translated,
-nothing written when anything fails. They run on SQLite too, where there is
-no COPY and both "paths" must give the same log anyway.
+Three paths, chosen by patching the thresholds: *insert* (the INSERTs COPY
+replaces), *copy* (every run of two rows or more by COPY, the events checked
+first) and *stream* (the same, each event checked as its row is sent, inside
+a savepoint). Every test compares the paths or checks a guarantee on each:
+dedupe keys, version conflicts, errors translated, nothing written when
+anything fails. They run on SQLite too, where there is no COPY and every
+"path" must give the same log anyway.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ projector_module = importlib.import_module("herald.outbox.projector")
 
 WHEN = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
-#: How the two paths are chosen: the INSERT path takes every run, or COPY
-#: takes every run of two rows or more.
-PATHS = {"insert": 10**9, "copy": 2}
+#: Each path's thresholds: (COPY_MIN_ROWS, STREAM_MIN_ROWS).
+PATHS = {"insert": (10**9, 10**9), "copy": (2, 10**9), "stream": (2, 2)}
 
 
 def _path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    copy_from, stream_from = PATHS[path]
     for module in (append_module, projector_module):
-        monkeypatch.setattr(module, "COPY_MIN_ROWS", PATHS[path])
+        monkeypatch.setattr(module, "COPY_MIN_ROWS", copy_from)
+    monkeypatch.setattr(append_module, "STREAM_MIN_ROWS", stream_from)
 
 
 def _snapshot(conn: sa.Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -130,7 +133,7 @@ def test_the_copy_path_writes_what_the_insert_path_wrote(
     with engine.begin() as conn:
         existing = append(conn, "acme.once", {"n": 0}, dedupe_key="t-k0")
     snapshots, returned = {}, {}
-    for path in ("insert", "copy"):
+    for path in PATHS:
         _path(monkeypatch, path)
         if writer == "session":
             with Session(engine) as session:
@@ -142,7 +145,8 @@ def test_the_copy_path_writes_what_the_insert_path_wrote(
             returned[path] = append_many(conn, _mixed_batch("t"))
             snapshots[path] = _snapshot(conn)
             conn.rollback()
-    assert _without_positions(snapshots["copy"]) == _without_positions(snapshots["insert"])
+    for path in ("copy", "stream"):
+        assert _without_positions(snapshots[path]) == _without_positions(snapshots["insert"])
     for path in PATHS:
         new = [p for (p,) in snapshots[path]["positions"] if p != existing]
         # the duplicates (earlier in the call, and in the log) return the first's position
@@ -169,12 +173,13 @@ def test_plain_psycopg_writers_get_the_same_copy_path(
         existing = append(conn, "acme.once", {"n": 0}, dedupe_key="t-k0")
     logs, returned = {}, {}
     with psycopg.connect(conninfo) as raw:
-        for path in ("insert", "copy"):
+        for path in PATHS:
             _path(monkeypatch, path)
             returned[path] = append_many(raw, _mixed_batch("t"))
             logs[path] = raw.execute(_PG_LOG).fetchall()
             raw.rollback()
-    assert [_timed(r[:-1]) for r in logs["copy"]] == [_timed(r[:-1]) for r in logs["insert"]]
+    for path in ("copy", "stream"):
+        assert [_timed(r[:-1]) for r in logs[path]] == [_timed(r[:-1]) for r in logs["insert"]]
     for path in PATHS:
         new = [r[-1] for r in logs[path] if r[-1] != existing]
         assert returned[path] == [*new[:31], new[30], new[31], existing, *new[32:]]
@@ -192,7 +197,7 @@ def test_an_evaluation_saves_the_same_rows_on_both_paths(
         add_evaluation(uow, "earlier", 5, [NewBuild(b, "j", "/d", "s") for b in (1000, 1001, 1002)])
         uow.save()
     snapshots, returned = {}, {}
-    for path in ("insert", "copy"):
+    for path in PATHS:
         _path(monkeypatch, path)
         with engine.connect() as conn:
             uow = UnitOfWork(conn)
@@ -201,7 +206,8 @@ def test_an_evaluation_saves_the_same_rows_on_both_paths(
             returned[path] = _evaluation_of(conn, 300, cached=(1000, 1001, 1002))
             snapshots[path] = _snapshot(conn)
             conn.rollback()
-    assert _without_positions(snapshots["copy"]) == _without_positions(snapshots["insert"])
+    for path in ("copy", "stream"):
+        assert _without_positions(snapshots[path]) == _without_positions(snapshots["insert"])
     assert len(snapshots["copy"]["herald_builds"]) == 3 + 297
     assert len(snapshots["copy"]["herald_build_dependencies"]) == 2 * (297 - 10)
     for path in PATHS:
@@ -227,7 +233,11 @@ def _evaluation_of(conn: sa.Connection, count: int, cached: tuple[int, ...] = ()
     return uow.save()
 
 
-def test_dedupe_keys_on_the_bulk_path_return_the_existing_position(engine: sa.Engine) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_dedupe_keys_on_the_bulk_path_return_the_existing_position(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    _path(monkeypatch, path)
     with engine.begin() as conn:
         first = append_many(conn, [NewEvent("acme.x", {"n": -1}, dedupe_key="k")])[0]
     batch = [NewEvent("acme.x", {"n": i}) for i in range(20)]
@@ -241,9 +251,13 @@ def test_dedupe_keys_on_the_bulk_path_return_the_existing_position(engine: sa.En
     assert [e.position for e in entries][1:] == positions[:20] + positions[21:]
 
 
+@pytest.mark.parametrize("path", PATHS)
 def test_a_version_taken_in_the_log_is_a_version_conflict_on_the_bulk_path(
     engine: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
 ) -> None:
+    _path(monkeypatch, path)
     with engine.begin() as conn:
         append(conn, "build_started", {"build_id": 1}, aggregate_id="agg-x", aggregate_version=5)
     batch = [
@@ -259,9 +273,13 @@ def test_a_version_taken_in_the_log_is_a_version_conflict_on_the_bulk_path(
     assert count_events(engine) == 1, "the conflicting transaction wrote nothing"
 
 
+@pytest.mark.parametrize("path", PATHS)
 def test_the_same_version_twice_in_one_bulk_append_is_a_version_conflict(
     engine: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
 ) -> None:
+    _path(monkeypatch, path)
     batch = [
         NewEvent(
             "build_started", {"build_id": i}, aggregate_id=f"agg-{i % 50}", aggregate_version=1
@@ -276,11 +294,13 @@ def test_the_same_version_twice_in_one_bulk_append_is_a_version_conflict(
 
 
 @pytest.mark.postgresql
+@pytest.mark.parametrize("path", PATHS)
 def test_a_concurrent_writer_of_the_same_version_makes_the_bulk_append_conflict(
-    pg_engine: sa.Engine,
+    pg_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     """The COPY waits for the other writer's row like the INSERT would, and fails when it
     commits."""
+    _path(monkeypatch, path)
     batch = [
         NewEvent("build_started", {"build_id": i}, aggregate_id=f"agg-{i}", aggregate_version=1)
         for i in range(100)
@@ -323,15 +343,20 @@ def _wait_until_blocked(engine: sa.Engine) -> None:
     raise AssertionError("the bulk append never waited for the other writer")
 
 
+@pytest.mark.parametrize("path", PATHS)
 def test_bad_input_late_in_a_bulk_append_writes_nothing_and_keeps_the_transaction(
     engine: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
 ) -> None:
+    _path(monkeypatch, path)
     batch = [NewEvent("build_queued", {"build_id": i}) for i in range(300)]
     batch[250] = NewEvent("build_queued", {"build_id": "250"})
     with engine.begin() as conn:
         with pytest.raises(InvalidPayload):
             append_many(conn, batch)
-        # Checked before anything was sent: the transaction goes on.
+        # Nothing of it was written (checked first, or rolled back to the savepoint
+        # it was sent in): the transaction goes on.
         append(conn, "acme.after", {"n": 1})
     assert [e.topic for e in read_all(engine)] == ["acme.after"]
 
@@ -354,7 +379,12 @@ def test_metadata_a_column_might_take_otherwise_is_refused(
     assert count_events(engine) == 0
 
 
-def test_a_failure_while_the_rows_are_written_writes_nothing(engine: sa.Engine) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_a_failure_while_the_rows_are_written_writes_nothing(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    _path(monkeypatch, path)
+
     def failing() -> None:
         raise RuntimeError("planning failed")
 
@@ -427,3 +457,49 @@ def test_a_big_evaluation_reads_back_intact(engine: sa.Engine) -> None:
         assert row.dependencies == [1003 + 5, 1003 + 8]
         added = conn.execute(sa.select(evaluations.c.state, evaluations.c.new_builds)).one()
         assert tuple(added) == ("added", 1997)
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("autocommit", [False, True])
+def test_a_streamed_append_refused_late_leaves_the_writers_transaction_as_it_was(
+    pg_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, autocommit: bool
+) -> None:
+    """A plain psycopg writer, in a transaction or in autocommit (where there is no
+    savepoint to roll back to, so the events are checked before anything is sent)."""
+    _path(monkeypatch, "stream")
+    conninfo = pg_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    batch = [NewEvent("acme.x", {"n": i}) for i in range(50)]
+    batch += [NewEvent("acme.y", {"n": i}, dedupe_key=f"k{i}") for i in range(5)]
+    batch += [NewEvent("acme.x", {"n": i}) for i in range(50)]
+    batch[90] = NewEvent("acme.x", {"n": float("nan")})
+    with psycopg.connect(conninfo, autocommit=autocommit) as raw:
+        append(raw, "acme.before", {"n": 0})
+        with pytest.raises(InvalidPayload):
+            append_many(raw, batch)
+        append(raw, "acme.after", {"n": 1})
+        if not autocommit:
+            raw.commit()
+    assert [e.topic for e in read_all(pg_engine)] == ["acme.before", "acme.after"]
+
+
+@pytest.mark.postgresql
+def test_a_conflict_in_a_streamed_append_leaves_the_transaction_failed(
+    pg_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal by the database is not undone to the savepoint: the caller must roll back,
+    so that it cannot commit its other writes without the events."""
+    _path(monkeypatch, "stream")
+    with pg_engine.begin() as conn:
+        append(conn, "build_started", {"build_id": 1}, aggregate_id="agg-3", aggregate_version=1)
+    batch = [
+        NewEvent("build_started", {"build_id": i}, aggregate_id=f"agg-{i}", aggregate_version=1)
+        for i in range(10)
+    ]
+    with pg_engine.connect() as conn:
+        append(conn, "acme.mine", {"n": 1})
+        with pytest.raises(VersionConflict):
+            append_many(conn, batch)
+        with pytest.raises(DatabaseError, match="aborted"):
+            append(conn, "acme.after", {"n": 1})
+        conn.rollback()
+    assert count_events(pg_engine) == 1
