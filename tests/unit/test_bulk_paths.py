@@ -194,3 +194,29 @@ def test_a_payload_that_contains_itself_is_refused_clearly() -> None:
     payload["self"] = payload
     with pytest.raises(InvalidPayload, match="not serialisable as JSON"):
         validate_event("acme.loop", payload)
+
+
+class _Made:
+    """An object the collector tracks (it has a __dict__)."""
+
+
+def test_objects_made_while_paused_join_the_oldest_generation(collector_on: None) -> None:
+    with collector_paused(10**6):
+        made = [_Made() for _ in range(5)]
+    assert gc.get_count()[0] < 700, "no young collection is due for them"
+    oldest = {id(o) for o in gc.get_objects(generation=2)}
+    assert all(id(o) in oldest for o in made)
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_process_that_froze_objects_keeps_them_frozen(collector_on: None) -> None:
+    frozen = _Made()
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with collector_paused(10**6):
+            _Made()
+        assert gc.get_freeze_count() == before, "thawed"
+    finally:
+        gc.unfreeze()
+    assert id(frozen) in {id(o) for o in gc.get_objects(generation=2)}
