@@ -136,16 +136,15 @@ class _Replayer:
         self._ahead: tuple[int, Page] | None = None
 
     def _read(self, position: int) -> Page:
-        with self.engine.connect() as conn:
-            page = read_page(
+        # Without a transaction, as the runner reads (no BEGIN, no ROLLBACK).
+        with self.runner._reading() as conn:
+            return read_page(
                 conn,
                 position,
                 self.consumer.batch_size,
                 self.consumer.topic_filter,
                 until_seq=self.last_seq,
             )
-            conn.rollback()
-        return page
 
     def page(self, position: int) -> Page:
         """The page after ``position``: the one read ahead, if it starts there."""
