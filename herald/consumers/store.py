@@ -294,11 +294,15 @@ def _fence(conn: sa.Connection, name: str, token: str, epoch: int, old: int, new
     operator's now). Raises LostClaim if another process owns it.
     """
     if conn.dialect.name == "postgresql":
-        # Once per page committed: the named statement, as consumer_row's.
-        params = (new, now(), name, token, epoch, old)
-        result = conn.exec_driver_sql(QUERIES["consumer_fence"], params)
+        # Once per page committed, the first statement of its transaction: in
+        # pipeline mode the transaction's BEGIN goes with it, one round trip for
+        # both instead of two.
+        driver: Any = conn.connection.driver_connection
+        with driver.pipeline(), driver.cursor() as cursor:
+            cursor.execute(QUERIES["consumer_fence"], (new, now(), name, token, epoch, old))
+        rowcount = cursor.rowcount
     else:
-        result = conn.execute(
+        rowcount = conn.execute(
             consumers.update()
             .where(
                 consumers.c.name == name,
@@ -307,8 +311,8 @@ def _fence(conn: sa.Connection, name: str, token: str, epoch: int, old: int, new
                 consumers.c.offset_seq == old,
             )
             .values(offset_seq=new, updated_at=now())
-        )
-    if result.rowcount == 1:
+        ).rowcount
+    if rowcount == 1:
         return True
     row = conn.execute(
         sa.select(consumers.c.owner, consumers.c.epoch).where(consumers.c.name == name)
