@@ -94,13 +94,18 @@ def to_log(event: Any) -> LogEvent:
 
     Raises :class:`~herald.errors.UsageError` for any other object.
     """
-    topic = TOPICS.get(type(event)) or _topic_of(event)
+    cls = type(event)
+    topic = TOPICS.get(cls) or _topic_of(event)
     attributes = vars(event)
-    payload = {
-        name: value if type(value) in _PLAIN else _json_value(value)
-        for name, value in attributes.items()
-        if name not in _BOOKKEEPING
-    }
+    names, count = _PAYLOAD_NAMES.get(cls, ((), -1))
+    if count != len(attributes):
+        # The first of its class (or one with attributes of its own): look them over.
+        names = tuple(name for name in attributes if name not in _BOOKKEEPING)
+        _PAYLOAD_NAMES.setdefault(cls, (names, len(attributes)))
+    payload = {}
+    for name in names:
+        value = attributes[name]
+        payload[name] = value if type(value) in _PLAIN else _json_value(value)
     return LogEvent(
         topic,
         payload,
@@ -108,6 +113,11 @@ def to_log(event: Any) -> LogEvent:
         attributes["originator_version"],
         attributes["timestamp"],
     )
+
+
+#: Each event class's payload fields, in order (its attributes less the bookkeeping),
+#: and how many attributes its events have.
+_PAYLOAD_NAMES: dict[type, tuple[tuple[str, ...], int]] = {}
 
 
 def to_log_all(events: Iterable[Any]) -> list[LogEvent]:
