@@ -4,11 +4,14 @@
 ...     conn.execute(update(builds).where(...).values(status=0))
 ...     herald.append(conn, "build_finished", {"build_id": 42, "dependent_ids": []})
 
-The events are validated first (topic, payload, size: see
+The events are validated (topic, payload, size: see
 :mod:`herald.domain.catalogue`); on any error nothing is written. A rollback
 of the caller's transaction leaves no trace of them. Many events go in a
 multi-row ``INSERT`` (SQLAlchemy's insertmanyvalues: one statement per 1,000
-rows), never one round-trip per event.
+rows), never one round-trip per event; on PostgreSQL a run of at least
+:data:`COPY_MIN_ROWS` events without dedupe keys goes by binary ``COPY``, and
+from :data:`STREAM_MIN_ROWS` on each event is checked as its row is sent
+(inside a savepoint, rolled back to if one is refused) instead of all first.
 
 Dedupe keys: appending an event whose ``dedupe_key`` is already in the log is
 a no-op that returns the existing event's position. ``once_per_eval`` topics
