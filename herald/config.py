@@ -24,6 +24,7 @@ from herald.errors import ConfigError, DatabaseUnavailable
 __all__ = [
     "DATABASE_URL_SETTING",
     "DEFAULT_DATABASE_URL",
+    "SERVER_OPTIONS",
     "check_connection",
     "create_engine",
     "database_url",
@@ -31,6 +32,23 @@ __all__ = [
 
 DATABASE_URL_SETTING: Final = "HERALD_DATABASE_URL"
 DEFAULT_DATABASE_URL: Final = "sqlite:///herald.db"
+
+#: Server settings of every herald connection to PostgreSQL (libpq ``options``).
+#:
+#: No parallel workers. herald's statements are small and many: a page of the
+#: log is a thousand rows through two indexes, an append a few rows, a sequencer
+#: cycle the events of the last milliseconds. A Gather's workers cost more to
+#: start than such a statement costs to run: with a page bounded by the head of a
+#: 10,000,000-event log (100,000 seqs or more ahead of the reader), the planner
+#: chose a Gather Merge of two workers at 7-19 ms a page, against 1.1-2.5 ms
+#: serially. On the connection rather than around each read: the consumers read
+#: on autocommit connections, where no SET LOCAL outlives its statement, and a
+#: SET around each page would be two more round trips. What herald gives up is
+#: parallelism in the operator's occasional queries over the whole log (audit,
+#: prune), which use indexes; the build farm's own connections keep theirs, and
+#: so do the workers herald does not take from them. Options given in the URL
+#: come after these, so an operator can set it back.
+SERVER_OPTIONS: Final = "-c max_parallel_workers_per_gather=0"
 
 
 def database_url(value: str | None = None) -> URL:
@@ -84,7 +102,8 @@ def create_engine(url: URL | str | None = None, **kwargs: Any) -> sa.Engine:
     ``BEGIN IMMEDIATE`` so that concurrent writers queue for the write lock
     instead of failing when a read transaction tries to become a write.
     PostgreSQL: a small pool without pre-ping, a connect timeout,
-    ``application_name=herald``.
+    ``application_name=herald``, and :data:`SERVER_OPTIONS` (before any
+    ``options`` the URL gives).
     """
     if not isinstance(url, URL):
         url = database_url(url)
@@ -98,7 +117,9 @@ def create_engine(url: URL | str | None = None, **kwargs: Any) -> sa.Engine:
         sa.event.listen(engine, "connect", _sqlite_on_connect)
         sa.event.listen(engine, "begin", _sqlite_on_begin)
         return engine
-    connect_args = {"connect_timeout": 5, "application_name": "herald"}
+    given = url.query.get("options")
+    options = " ".join([SERVER_OPTIONS, *([given] if isinstance(given, str) else given or ())])
+    connect_args = {"connect_timeout": 5, "application_name": "herald", "options": options}
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 5)
     # No pre-ping: it is a round trip on every checkout (a quarter of a small

@@ -7,13 +7,16 @@ inclusive: it prints seq N onwards, i.e. reads after N-1.)
 
 A topic filter holds exact topics and ``*`` patterns (``build_*``,
 ``acme.*``). With a filter, one page scans at most ``scan_limit`` seqs, so a
-rare topic in a huge log costs a bounded read per page; the page's
+rare topic in a huge log costs a bounded read per page (on PostgreSQL, exact
+topics are found through the topic index over the window's positions only,
+however many events of the topic the rest of the log holds); the page's
 ``next_after`` says where to go on even when it holds no entry.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -118,6 +121,11 @@ class TopicFilter:
 
     def __bool__(self) -> bool:
         return bool(self.exact or self.patterns)
+
+    @property
+    def every(self) -> bool:
+        """Whether the filter lets every topic through: empty, or with a ``*`` pattern."""
+        return not self or any(set(pattern) == {"*"} for pattern in self.patterns)
 
     def clause(self) -> sa.ColumnElement[bool]:
         """The SQL condition on ``herald_events.topic``."""
@@ -325,26 +333,76 @@ class _PayloadLoader(Loader):
 
 
 def _fetch_postgresql(
-    conn: sa.Connection, after: int, bound: int, limit: int, topics: TopicFilter | None
-) -> list[LogEntry]:
-    """The page on the driver (PostgreSQL): no SQLAlchemy rows, entries built in C.
+    conn: sa.Connection,
+    after: int,
+    top: int,
+    limit: int,
+    topics: TopicFilter | None,
+    scan_limit: int,
+) -> tuple[list[LogEntry], int]:
+    """The page on the driver (PostgreSQL), and the seq it read up to.
 
-    ``conn`` has begun its transaction already (the head was read through it),
-    so this runs in the same one.
+    No SQLAlchemy rows: entries are built in C. The statements run in
+    ``conn``'s transaction, or each in its own on an autocommit connection:
+    either way they see every seq up to ``top``, read before them.
     """
     driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
-    params = {
-        "after": after,
-        "bound": bound,
-        "limit": limit,
-        "every": not topics,
-        "exact": topics.exact if topics else [],
-        "patterns": [_like(p) for p in topics.patterns] if topics else [],
-    }
     with driver.cursor(row_factory=lambda _cursor: _ENTRY_ROW) as cursor:
         cursor.adapters.register_loader("jsonb", _PayloadLoader)
-        cursor.execute(QUERIES["read_page"], params)
-        return cursor.fetchall()
+
+        def fetch(name: str, after: int, bound: int, limit: int) -> list[LogEntry]:
+            # Planned with this page's values, never prepared: psycopg prepares a
+            # statement run five times, and PostgreSQL may then plan it once for any
+            # window, not knowing how many seqs one holds.
+            cursor.execute(
+                QUERIES[name],
+                {
+                    "after": after,
+                    "bound": bound,
+                    "limit": limit,
+                    "exact": topics.exact if topics else [],
+                    "patterns": [_like(p) for p in topics.patterns] if topics else [],
+                },
+                prepare=False,
+            )
+            return cursor.fetchall()
+
+        # A filter's page scans at most `scan_limit` seqs, one that lets every topic
+        # through (`*`) too.
+        window = min(top, after + scan_limit) if topics else top
+        if topics is None or topics.every:
+            # Seqs are dense, so the page is the `limit` seqs after `after`: bounded so,
+            # the planner knows the page's size and reads it through the seq index
+            # (bounded by the head, a consumer far behind got a plan for the whole
+            # distance). A shorter page before the window's end means seqs missing (a
+            # prune keeps the events of an aggregate with younger ones, and may be
+            # deleting right now): then the page reads on to the window's end.
+            bound = min(window, after + limit)
+            entries = fetch("read_page", after, bound, limit)
+            if len(entries) < limit and bound < window:
+                bound = window
+                entries = fetch("read_page", after, bound, limit)
+            return entries, bound
+        if topics.patterns:
+            return fetch("read_page_patterns", after, window, limit), window
+        # Exact topics, through the topic index over the window's span of positions,
+        # in two steps. The first reads the first `limit` seqs; if those hold the
+        # whole page, or the window ends there, that is the page. Otherwise their
+        # share of the topics says how far the rest of the page lies: the second
+        # step reads twice that far (the whole window if the first found none). A
+        # common topic then costs about the seqs its page covers, not the window's
+        # 10,000, and a rare one the window's span, whatever the log's size. The
+        # page may hold fewer than `limit` entries and end before the window does:
+        # `next_after` is where the second step stopped.
+        first = min(window, after + limit)
+        entries = fetch("read_page_topics", after, first, limit)
+        if len(entries) == limit or first == window:
+            return entries, first
+        missing = limit - len(entries)
+        reach = window
+        if entries:
+            reach = min(window, first + math.ceil(2 * missing * (first - after) / len(entries)))
+        return entries + fetch("read_page_topics", first, reach, missing), reach
 
 
 def entries_at(conn: sa.Connection, seqs: Iterable[int]) -> dict[int, LogEntry]:
@@ -391,10 +449,10 @@ def read_page(
         top = head(conn)
         if until_seq is not None:
             top = min(top, until_seq)
-        bound = min(top, after + scan_limit) if topics or narrow else top
         if conn.dialect.name == "postgresql" and not narrow:
-            entries = _fetch_postgresql(conn, after, bound, limit, topics)
+            entries, bound = _fetch_postgresql(conn, after, top, limit, topics, scan_limit)
         else:
+            bound = min(top, after + scan_limit) if topics or narrow else top
             stmt = (
                 sa.select(*_COLUMNS)
                 .join_from(log_order, events, log_order.c.position == events.c.position)

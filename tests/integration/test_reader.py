@@ -6,8 +6,17 @@ import pytest
 import sqlalchemy as sa
 
 from herald.errors import InvalidTopic, UsageError
-from herald.outbox import LogReader, NewEvent, Sequencer, TopicFilter, append_many, read_page
+from herald.outbox import (
+    LogReader,
+    NewEvent,
+    Sequencer,
+    TopicFilter,
+    append,
+    append_many,
+    read_page,
+)
 from herald.outbox.reader import MAX_SEQ
+from herald.schema import events, log_order
 from tests.integration.helpers import read_all
 
 TOPICS = ["build_started", "build_finished", "step_started", "acme.deploy", "acme.cache.pushed"]
@@ -110,3 +119,176 @@ def test_bad_reads_are_usage_errors(filled: sa.Engine) -> None:
         TopicFilter(["buld_finished"])
     with pytest.raises(InvalidTopic):
         TopicFilter(["build-*"])
+
+
+# -- pages that cover the log exactly, whatever the order of positions ---------------
+
+
+def _matching(
+    conn: sa.Connection, topics: TopicFilter, after: int, upto: int
+) -> list[tuple[int, int, str]]:
+    """(seq, position, topic) of the log's entries in (after, upto] that the filter lets
+    through, straight from the tables (the oracle the pages are checked against)."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT l.seq, l.position, e.topic FROM herald_log l "
+            "JOIN herald_events e ON e.position = l.position "
+            "WHERE l.seq > :after AND l.seq <= :upto ORDER BY l.seq"
+        ),
+        {"after": after, "upto": upto},
+    ).all()
+    exact, patterns = set(topics.exact), [p.replace("*", "") for p in topics.patterns]
+    return [
+        (seq, position, topic)
+        for seq, position, topic in rows
+        if topics.every or topic in exact or any(topic.startswith(p) for p in patterns)
+    ]
+
+
+def _check_every_page(
+    engine: sa.Engine, topics: TopicFilter, limits: list[int], scan_limits: list[int]
+) -> int:
+    """Every page from every offset: exactly the matching entries up to where it says
+    it stopped, never past the window, and at the head exactly when it reached it.
+    Returns how many pages were checked."""
+    checked = 0
+    with engine.connect() as conn:
+        top = head_of(conn)
+        for limit in limits:
+            for scan_limit in scan_limits:
+                for after in range(top + 1):
+                    page = read_page(conn, after, limit, topics, scan_limit=scan_limit)
+                    got = [(e.seq, e.position, e.topic) for e in page.entries]
+                    assert got == _matching(conn, topics, after, page.next_after), (
+                        f"after={after} limit={limit} scan_limit={scan_limit}"
+                    )
+                    assert len(got) <= limit
+                    assert page.next_after <= max(after, top)
+                    if topics:
+                        assert page.next_after <= after + scan_limit
+                    assert page.at_head == (page.next_after >= top)
+                    if after < top:
+                        assert page.next_after > after, "a page that does not move on"
+                    conn.rollback()
+                    checked += 1
+    return checked
+
+
+def head_of(conn: sa.Connection) -> int:
+    return int(conn.execute(sa.text("SELECT coalesce(max(seq), 0) FROM herald_log")).scalar_one())
+
+
+def test_a_rare_topic_far_from_the_head(engine: sa.Engine) -> None:
+    """A topic seen at the start of the log and again only near its head: a page
+    window in between holds none of it, and each holds exactly its own."""
+    rare = "build_cancelled"
+    with engine.begin() as conn:
+        batch = [NewEvent(rare, {"build_id": 0})]
+        batch += [NewEvent("build_queued", {"build_id": i}) for i in range(1, 300)]
+        batch += [NewEvent(rare, {"build_id": 300}), NewEvent("build_queued", {"build_id": 301})]
+        append_many(conn, batch)
+    with engine.connect() as conn:
+        Sequencer().cycle(conn)
+        conn.commit()
+        page = read_page(conn, after=100, limit=10, topics=TopicFilter([rare]), scan_limit=50)
+        assert (page.entries, page.next_after, page.at_head) == ([], 150, False)
+        page = read_page(conn, after=290, limit=10, topics=TopicFilter([rare]), scan_limit=50)
+        assert [e.seq for e in page.entries] == [301]
+        assert page.at_head
+    got = read_all(engine, topics=TopicFilter([rare]))
+    assert [(e.seq, e.payload["build_id"]) for e in got] == [(1, 0), (301, 300)]
+
+
+@pytest.mark.postgresql
+def test_pages_of_a_window_whose_positions_are_out_of_seq_order(pg_engine: sa.Engine) -> None:
+    """A long transaction appends first and commits last: its event has the smallest
+    position of the log but a seq after the others'. Every page, from every offset,
+    with every kind of filter, holds exactly the entries of its range."""
+    with pg_engine.connect() as late:
+        late.begin()
+        append(late, "build_cancelled", {"build_id": 0})
+        append(late, "build_finished", {"build_id": 0, "dependent_ids": []})
+        with pg_engine.begin() as conn:
+            append_many(
+                conn, [NewEvent(TOPICS[i % 5], _payload(TOPICS[i % 5], i)) for i in range(1, 25)]
+            )
+        LogReader(pg_engine).read(0, 1)  # orders the 24 that committed
+        late.commit()
+    with pg_engine.begin() as conn:
+        append_many(
+            conn,
+            [NewEvent(TOPICS[i % 5], _payload(TOPICS[i % 5], i)) for i in range(25, 35)]
+            + [NewEvent("build_cancelled", {"build_id": 35})],
+        )
+    LogReader(pg_engine).read(0, 1)
+    with pg_engine.connect() as conn:
+        order = conn.execute(sa.text("SELECT seq, position FROM herald_log ORDER BY seq")).all()
+    positions = [position for _, position in order]
+    assert positions[24:26] == [1, 2], "the long transaction's events were not ordered late"
+    assert positions[:24] == list(range(3, 27))
+    filters = [
+        TopicFilter(["build_cancelled"]),
+        TopicFilter(["build_finished", "build_cancelled"]),
+        TopicFilter(["build_*"]),
+        TopicFilter(["acme.*", "build_cancelled"]),
+        TopicFilter(["*"]),
+        TopicFilter(),
+    ]
+    for topics in filters:
+        assert _check_every_page(pg_engine, topics, [1, 2, 3, 1000], [4, 25, 10_000]) > 0
+
+
+def test_every_page_of_every_filter(filled: sa.Engine) -> None:
+    """The same check on both backends, over the 30-event log of the other tests."""
+    with filled.connect() as conn:
+        Sequencer().cycle(conn)
+        conn.commit()
+    for topics in (
+        TopicFilter(["build_finished"]),
+        TopicFilter(["step_started", "acme.deploy"]),
+        TopicFilter(["acme.*"]),
+        TopicFilter(["*"]),
+        TopicFilter(),
+    ):
+        _check_every_page(filled, topics, [1, 4, 1000], [3, 10_000])
+
+
+def test_a_star_lets_every_topic_through() -> None:
+    assert TopicFilter().every
+    assert TopicFilter(["*"]).every
+    assert TopicFilter(["build_finished", "*"]).every
+    assert not TopicFilter(["build_*"]).every
+    assert not TopicFilter(["build_finished"]).every
+
+
+def test_pages_skip_the_seqs_a_prune_took(engine: sa.Engine) -> None:
+    """Seqs are dense until a prune takes some (it keeps an aggregate's events while
+    the aggregate has younger ones): a page still holds ``limit`` entries."""
+    with engine.begin() as conn:
+        append_many(conn, [NewEvent("build_queued", {"build_id": i}) for i in range(1, 41)])
+    with engine.connect() as conn:
+        Sequencer().cycle(conn)
+        conn.commit()
+    gone = [*range(1, 11), *range(13, 30)]  # seqs 11, 12 and 30..40 stay
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SET LOCAL herald.prune = 'on'"))
+        # As a prune deletes: the order rows, then their events.
+        positions = [
+            p
+            for (p,) in conn.execute(
+                sa.select(log_order.c.position).where(log_order.c.seq.in_(gone))
+            )
+        ]
+        conn.execute(log_order.delete().where(log_order.c.seq.in_(gone)))
+        conn.execute(events.delete().where(events.c.position.in_(positions)))
+    with engine.connect() as conn:
+        page = read_page(conn, after=0, limit=5)
+        assert [e.seq for e in page.entries] == [11, 12, 30, 31, 32]
+        assert (page.next_after, page.at_head) == (32, False)
+        page = read_page(conn, after=12, limit=3)
+        assert [e.seq for e in page.entries] == [30, 31, 32]
+        page = read_page(conn, after=36, limit=10)
+        assert [e.seq for e in page.entries] == [37, 38, 39, 40]
+        assert (page.next_after, page.at_head) == (40, True)
+    assert [e.seq for e in read_all(engine)] == [11, 12, *range(30, 41)]

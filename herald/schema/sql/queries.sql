@@ -51,19 +51,6 @@ JOIN pg_locks AS l
 -- Wake the daemons' consumers now (after an operator's request); like every NOTIFY, only a hint.
 SELECT pg_notify('herald_log', 'consumers')
 
--- read_page --
--- A consumer's page: entries after %(after)s up to %(bound)s, every topic or those named (psycopg %(name)s placeholders, read on the driver).
-SELECT l.seq, e.position, e.topic, e.payload, e.delivery, e.dedupe_key, e.aggregate_id,
-       e.aggregate_version, e.trace_id, e.occurred_at, e.recorded_at
-FROM herald_log AS l
-JOIN herald_events AS e ON e.position = l.position
-WHERE l.seq > %(after)s AND l.seq <= %(bound)s
-  AND (%(every)s
-       OR e.topic = ANY (CAST(%(exact)s AS text[]))
-       OR e.topic LIKE ANY (CAST(%(patterns)s AS text[])))
-ORDER BY l.seq
-LIMIT %(limit)s
-
 -- consumer_row --
 -- A consumer's row, as the daemon looks at it before every page (psycopg %s placeholders).
 SELECT name, offset_seq, owner, lease_until, control, updated_at, epoch, records_floor
@@ -73,3 +60,59 @@ FROM herald_consumers WHERE name = %s
 -- Move a consumer's offset if this claim and epoch still hold (psycopg %s placeholders): new offset, now, name, owner, epoch, old offset.
 UPDATE herald_consumers SET offset_seq = %s, updated_at = %s
 WHERE name = %s AND owner = %s AND epoch = %s AND offset_seq = %s
+
+-- read_page --
+-- A page of every topic: the entries after %(after)s up to %(bound)s (psycopg %(name)s placeholders, read on the driver).
+SELECT l.seq, e.position, e.topic, e.payload, e.delivery, e.dedupe_key, e.aggregate_id,
+       e.aggregate_version, e.trace_id, e.occurred_at, e.recorded_at
+FROM herald_log AS l
+JOIN herald_events AS e ON e.position = l.position
+WHERE l.seq > %(after)s AND l.seq <= %(bound)s
+ORDER BY l.seq
+LIMIT %(limit)s
+
+-- read_page_topics --
+-- A page of the exact topics %(exact)s after %(after)s up to %(bound)s, their events found in the window's span of positions (psycopg placeholders).
+-- Every event of the window has a position between the smallest and the largest
+-- position of the window's order rows, so the topic index (topic, position) is
+-- read over that span only, however many events of the topic the log holds
+-- elsewhere (without it, a rare topic's every event in the log is read and
+-- joined with the window: a cost that grows with the log). The span is one
+-- pass over the window's order rows; `position + 0` keeps the planner from
+-- answering min/max through the position index, which would read the log from
+-- its first position up to the window. The topic index alone answers which
+-- positions are the topic's; payloads are read for the page's entries only.
+WITH span AS MATERIALIZED (
+    SELECT min(w.position + 0) AS lo, max(w.position + 0) AS hi
+    FROM herald_log AS w
+    WHERE w.seq > %(after)s AND w.seq <= %(bound)s
+), page AS (
+    SELECT p.seq, p.position
+    FROM herald_log AS p
+    WHERE p.seq > %(after)s AND p.seq <= %(bound)s
+      AND p.position IN (
+          SELECT t.position
+          FROM herald_events AS t
+          WHERE t.topic = ANY (CAST(%(exact)s AS text[]))
+            AND t.position >= (SELECT span.lo FROM span)
+            AND t.position <= (SELECT span.hi FROM span))
+    ORDER BY p.seq
+    LIMIT %(limit)s
+)
+SELECT l.seq, e.position, e.topic, e.payload, e.delivery, e.dedupe_key, e.aggregate_id,
+       e.aggregate_version, e.trace_id, e.occurred_at, e.recorded_at
+FROM page AS l
+JOIN herald_events AS e ON e.position = l.position
+ORDER BY l.seq
+
+-- read_page_patterns --
+-- A page of topics named exactly or by LIKE patterns after %(after)s up to %(bound)s (psycopg placeholders): the window read in seq order.
+SELECT l.seq, e.position, e.topic, e.payload, e.delivery, e.dedupe_key, e.aggregate_id,
+       e.aggregate_version, e.trace_id, e.occurred_at, e.recorded_at
+FROM herald_log AS l
+JOIN herald_events AS e ON e.position = l.position
+WHERE l.seq > %(after)s AND l.seq <= %(bound)s
+  AND (e.topic = ANY (CAST(%(exact)s AS text[]))
+       OR e.topic LIKE ANY (CAST(%(patterns)s AS text[])))
+ORDER BY l.seq
+LIMIT %(limit)s
