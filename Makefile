@@ -53,6 +53,8 @@ bench: $(BENCH_STAMP) postgres
 	$(BIN)/python -m bench.idle
 	$(BIN)/python -m bench.long_transaction
 	$(BIN)/python -m bench.replay
+	$(BIN)/python -m bench.bulk
+	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.plot
 
 clean:
