@@ -156,6 +156,8 @@ def prune(
         result.deliveries = conn.execute(
             deliveries.delete().where(deliveries.c.seq.in_(doomed_seqs))
         ).rowcount
+        # The same (seq, position) pairs go from both tables: no order row outlives
+        # its event (herald_log has no foreign key to keep it so; tables.py).
         conn.execute(log_order.delete().where(log_order.c.seq.in_(doomed_seqs)))
         conn.execute(events.delete().where(events.c.position.in_(sa.select(doomed.c.position))))
         _drop(conn)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -9,7 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from herald.config import create_engine
-from herald.schema import metadata, migrate
+from herald.schema import events, log_order, metadata, migrate
 from tests.conftest import migrate_url
 
 
@@ -101,3 +103,50 @@ def test_postgresql_objects_exist(pg_url: str) -> None:
     assert {"herald_append", "herald_refuse_change"} <= functions
     assert triggers == {"herald_events_append_only", "herald_log_append_only"}
     assert tx_type == "xid8"
+
+
+def test_0006_drops_the_log_key_and_keeps_the_rows(empty_url: str) -> None:
+    """herald_log loses its foreign key to herald_events (SQLite copies the table to
+    drop it) and keeps every row and its other constraints; the downgrade restores it."""
+    engine = create_engine(empty_url)
+    try:
+        with engine.connect() as conn:
+            migrate.upgrade(conn, "0005")
+            with conn.begin():
+                conn.execute(
+                    events.insert(),
+                    [
+                        {
+                            "topic": "build_queued",
+                            "payload": {"build_id": i},
+                            "delivery": "ephemeral",
+                            "occurred_at": datetime(2026, 12, 4, tzinfo=UTC),
+                        }
+                        for i in range(3)
+                    ],
+                )
+                conn.execute(log_order.insert(), [{"seq": s, "position": s} for s in (1, 2, 3)])
+            assert _log_keys(conn) == ["fk_herald_log_position_herald_events"]
+            migrate.upgrade(conn)
+            assert _log_keys(conn) == []
+            assert conn.execute(sa.select(log_order).order_by(log_order.c.seq)).all() == [
+                (1, 1),
+                (2, 2),
+                (3, 3),
+            ]
+            conn.rollback()
+            with pytest.raises(sa.exc.IntegrityError), conn.begin():
+                conn.execute(log_order.insert().values(seq=4, position=3))  # still unique
+            command.downgrade(migrate.alembic_config(conn), "0005")
+            conn.commit()
+            assert _log_keys(conn) == ["fk_herald_log_position_herald_events"]
+            assert conn.execute(sa.select(sa.func.count()).select_from(log_order)).scalar() == 3
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+
+def _log_keys(conn: sa.Connection) -> list[str | None]:
+    keys = [fk["name"] for fk in sa.inspect(conn).get_foreign_keys("herald_log")]
+    conn.rollback()
+    return keys
