@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,8 +12,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from herald.config import create_engine
 from herald.errors import InvalidPayload, InvalidTopic, PayloadTooLarge, VersionConflict
 from herald.outbox import NewEvent, append, append_many
+from herald.outbox.append import _SQLITE_COLUMNS
+from herald.schema import events
 from tests.integration.helpers import count_events, read_all
 
 FINISHED = {"build_id": 42, "dependent_ids": [1, 2]}
@@ -235,3 +239,96 @@ def test_psycopg_errors_are_herald_errors(
     with pytest.raises(InvalidTopic):
         append(psycopg_conn, "buld_started", {"build_id": 1})
     assert count_events(pg_engine) == 1
+
+
+def test_dedupe_keys_old_and_new_in_one_batch(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        (old,) = append_many(conn, [NewEvent("acme.x", {"n": 1}, dedupe_key="a")])
+    batch = [
+        NewEvent("acme.x", {"n": 2}, dedupe_key="b"),
+        NewEvent("acme.x", {"n": 3}, dedupe_key="a"),
+        NewEvent("acme.x", {"n": 4}, dedupe_key="c"),
+    ]
+    with engine.begin() as conn:
+        positions = append_many(conn, batch)
+    assert positions[1] == old
+    assert len({old, positions[0], positions[2]}) == 3
+    entries = read_all(engine)
+    assert [(e.seq, e.position, e.payload["n"]) for e in entries] == [
+        (1, old, 1),
+        (2, positions[0], 2),
+        (3, positions[2], 4),
+    ]
+
+
+# -- SQLite: the append's own SQL writes what SQLAlchemy's Core insert wrote ---------
+
+#: columns compared as SQLite stores them (quote() shows the storage class too)
+_STORED = ", ".join(
+    f"quote({name})"
+    for name in (
+        "topic",
+        "payload",
+        "delivery",
+        "dedupe_key",
+        "aggregate_id",
+        "aggregate_version",
+        "trace_id",
+        "occurred_at",
+        "recorded_at",
+    )
+)
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize(
+    "serializer",
+    [None, lambda value: json.dumps(value, sort_keys=True, ensure_ascii=False)],
+    ids=["default-json", "engine-json-serializer"],
+)
+def test_sqlite_rows_are_what_a_core_insert_writes(
+    sqlite_url: str, serializer: Callable[[Any], str] | None
+) -> None:
+    """The payload goes through the engine's JSON serializer and the timestamps are
+    stored in SQLAlchemy's text form, exactly as ``insert(events)`` stores them."""
+    engine = create_engine(sqlite_url, **({"json_serializer": serializer} if serializer else {}))
+    when = datetime(2026, 11, 1, 12, 30, 5, 123456, tzinfo=UTC)
+    batch = [
+        NewEvent("acme.x", {"z": "é\u2603", "a": [1, 2.5, None, True]}, trace_id="t-1"),
+        NewEvent("build_started", {"build_id": 3}, aggregate_id="b-3", aggregate_version=7),
+        NewEvent("cached_build_queued", {"eval_id": 2, "build_id": 3}, occurred_at=when),
+        NewEvent("acme.y", {}, dedupe_key="k-1", occurred_at=when),
+    ]
+    core = events.to_metadata(sa.MetaData(), name="core_events")
+    core.indexes.clear()  # their names are herald_events' own
+    try:
+        with engine.begin() as conn:
+            positions = append_many(conn, batch)
+        core.create(engine)
+        with engine.begin() as conn:
+            written = conn.execute(
+                sa.select(events).where(events.c.position.in_(positions)).order_by("position")
+            ).mappings()
+            rows = [
+                {k: v for k, v in row.items() if k not in ("position", "tx")} for row in written
+            ]
+            assert [row["occurred_at"] for row in rows[2:]] == [when.replace(tzinfo=None)] * 2
+            conn.execute(sa.insert(core), rows)
+            ours = conn.exec_driver_sql(f"SELECT {_STORED} FROM herald_events ORDER BY position")
+            theirs = conn.exec_driver_sql(f"SELECT {_STORED} FROM core_events ORDER BY position")
+            assert ours.all() == theirs.all()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.sqlite
+def test_sqlite_binds_only_json_and_timestamps() -> None:
+    """The SQLite append converts only the payload and the timestamps itself: every
+    other column it writes has no conversion on SQLite to apply."""
+    dialect = sa.create_engine("sqlite://").dialect
+    converted = {
+        name
+        for name in _SQLITE_COLUMNS
+        if events.c[name].type.dialect_impl(dialect).bind_processor(dialect) is not None
+    }
+    assert converted == {"payload", "occurred_at", "recorded_at"}
