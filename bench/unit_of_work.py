@@ -1,43 +1,40 @@
-"""B2: saving a build finish through the unit of work, against the raw append (issue #3).
+"""Saving a build finish through the unit of work, against the raw append (issue #3).
 
 Run with ``make bench`` or ``.venv/bin/python -m bench.unit_of_work``.
 
 The script measures, in one run, on PostgreSQL (a scratch database,
 ``herald_bench_uow``, dropped first and at the end) and on SQLite (a file in
 a temporary directory, deleted at the end), both migrated as ``herald db
-upgrade`` does:
+upgrade`` does, the **transactions/s of two ways to record that a build
+finished**:
 
-1. **Transactions/s of two ways to record that a build finished**:
+* ``append``: the raw append of issue #2, ``with engine.begin() as conn:
+  herald.outbox.append(conn, "build_finished", {"build_id": id,
+  "dependent_ids": [], "status": 0})``: one log row, nothing else;
+* ``unit of work``: ``with engine.begin() as conn: uow = UnitOfWork(conn);
+  finish_build(uow, build_id, 0); uow.save()``: the build is loaded from
+  its log events (replayed), the command is applied, its
+  ``build_finished`` is appended with the aggregate's version and the
+  ``herald_builds`` projection is updated, all in the one transaction.
 
-   * ``append``: the raw append of issue #2, ``with engine.begin() as conn:
-     herald.outbox.append(conn, "build_finished", {"build_id": id,
-     "dependent_ids": [], "status": 0})``: one log row, nothing else;
-   * ``unit of work``: ``with engine.begin() as conn: uow = UnitOfWork(conn);
-     finish_build(uow, build_id, 0); uow.save()``: the build is loaded from
-     its log events (replayed), the command is applied, its
-     ``build_finished`` is appended with the aggregate's version and the
-     ``herald_builds`` projection is updated, all in the one transaction.
+Every measured unit-of-work transaction finishes a different running
+build: the builds are queued and started beforehand through the unit of
+work (``Build(...)`` + ``start()``, saved in bulk), as many as the writers
+will use (estimated, topped up between segments if needed; a writer that
+runs out has its segment run again). The engines come from
+:func:`herald.config.create_engine`. One writer on each backend, and on
+PostgreSQL also 8 concurrent writer processes (``--writers``). Each
+writer count runs ``--rounds`` mirrored rounds (append, unit of work, unit
+of work, append), each segment ``--seconds / (2 × rounds)`` measured
+after a ``--warmup``, so that drift and the machine's other users hit both
+variants alike. Reported: tx/s, unit of work / append, ms per transaction
+(p50, p99), client CPU per transaction (the writer thread's
+``time.thread_time()``) and the SQL statements each transaction sends
+(counted once per backend, with a ``before_cursor_execute`` listener).
 
-   Every measured unit-of-work transaction finishes a different running
-   build: the builds are queued and started beforehand through the unit of
-   work (``Build(...)`` + ``start()``, saved in bulk), as many as the writers
-   will use (estimated, topped up between segments if needed; a writer that
-   runs out has its segment run again). The engines come from
-   :func:`herald.config.create_engine`. One writer on each backend, and on
-   PostgreSQL also 8 concurrent writer processes (``--writers``). Each
-   writer count runs ``--rounds`` mirrored rounds (append, unit of work, unit
-   of work, append), each segment ``--seconds / (2 × rounds)`` measured
-   after a ``--warmup``, so that drift and the machine's other users hit both
-   variants alike. Reported: tx/s, unit of work / append, ms per transaction
-   (p50, p99), client CPU per transaction (the writer thread's
-   ``time.thread_time()``) and the SQL statements each transaction sends
-   (counted once per backend, with a ``before_cursor_execute`` listener).
-
-2. **One evaluation that adds ``--eval-builds`` (50,000) builds** in one
-   transaction: ``add_evaluation(uow, trace_id, eval_id, new_builds)`` then
-   ``uow.save()``, timed (domain, save, of which SQL, commit), with the SQL
-   statements it took counted by a ``before_cursor_execute`` listener on the
-   engine: to show the save is batched, not a round trip per event.
+The unit of work's other end, one evaluation adding 50,000 builds in one
+transaction, is issue #6's B2: ``bench/bulk.py`` measures it against a raw
+``COPY`` of the same rows.
 
 It prints tables, rewrites its own section of ``BENCHMARKS.md`` (between the
 ``bench.unit_of_work`` markers; the rest of the file is kept) and removes its
@@ -52,7 +49,6 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import random
 import re
 import sqlite3
 import tempfile
@@ -63,12 +59,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from bench.append_throughput import (
     DEFAULT_URL,
@@ -86,9 +81,9 @@ from bench.append_throughput import (
     text_table,
 )
 from herald.config import create_engine
-from herald.domain import Build, Evaluation
+from herald.domain import Build
 from herald.outbox import UnitOfWork, append, sync_catalogue
-from herald.outbox.farm import NewBuild, add_evaluation, finish_build
+from herald.outbox.farm import finish_build
 from herald.schema import migrate
 
 BEGIN_MARK: Final = "<!-- bench.unit_of_work: begin (generated; rerun to refresh) -->"
@@ -104,11 +99,8 @@ BACKEND_LABELS: Final = {"postgresql": "PostgreSQL", "sqlite": "SQLite"}
 
 #: the build ids the append variant puts in its payloads (no such builds exist)
 APPEND_IDS_FROM: Final = 1_000_000_000
-#: the build ids of the big evaluation's builds
-EVAL_IDS_FROM: Final = 500_000_000
-#: the prepared builds' jobset, and the big evaluation's
+#: the prepared builds' jobset
 BENCH_JOBSET: Final = 1
-EVAL_JOBSET: Final = 2
 #: builds queued and started per bulk transaction while preparing
 PREPARE_CHUNK: Final = 2000
 #: how long a writer takes to receive a segment and run its first transaction
@@ -141,85 +133,35 @@ def statement_kind(sql: str) -> str:
 
 
 class StatementLog:
-    """Counts the statements an engine sends to its driver, and the time they take.
+    """Counts the statements an engine sends to its driver, by kind.
 
     One count per ``cursor.execute`` / ``cursor.executemany`` call (SQLAlchemy's
-    ``before_cursor_execute`` event): a multi-row ``INSERT`` of 1,000 rows is one,
-    and so is an ``executemany`` (which psycopg 3 sends in pipeline mode, without
-    waiting for each row, and SQLite runs in process). The rows each kind of
-    statement carried are counted too.
+    ``before_cursor_execute`` event). What herald sends on the driver's own
+    connection is not seen: the ``COPY`` it uses for a run of at least
+    ``COPY_MIN_ROWS`` rows (:mod:`herald.outbox.append`). The transactions
+    counted here write one event and one projection row, so they send none.
     """
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         #: driver calls, by statement kind
         self.kinds: Counter[str] = Counter()
-        #: rows (parameter sets) carried, by statement kind
-        self.rows: Counter[str] = Counter()
-        #: how each kind was sent: "execute", "executemany", "multi-row"
-        self.styles: dict[str, set[str]] = {}
-        #: seconds inside the driver's calls, by statement kind
-        self.times: dict[str, float] = {}
-        self._started = 0.0
-        self._kind = "?"
-        # the executions whose multi-row INSERT batches were counted (kept alive, so
-        # that no two are ever the same object)
-        self._batched: list[object] = []
 
     @property
     def count(self) -> int:
         return sum(self.kinds.values())
 
-    @property
-    def seconds(self) -> float:
-        return sum(self.times.values())
-
     def _before(
-        self,
-        _conn: sa.Connection,
-        _cursor: object,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
+        self, _conn: sa.Connection, _cursor: object, statement: str, *_args: object
     ) -> None:
-        kind = statement_kind(statement)
-        self.kinds[kind] += 1
-        style = getattr(context, "execute_style", None)
-        if style is ExecuteStyle.INSERTMANYVALUES:
-            # One call per batch of up to 1,000 rows; count the rows once.
-            self.styles.setdefault(kind, set()).add("multi-row")
-            if not any(seen is context for seen in self._batched):
-                self._batched.append(context)
-                self.rows[kind] += len(context.compiled_parameters)
-        elif executemany:
-            self.styles.setdefault(kind, set()).add("executemany")
-            self.rows[kind] += len(parameters)
-        else:
-            self.styles.setdefault(kind, set()).add("execute")
-            self.rows[kind] += 1
-        self._kind = kind
-        self._started = time.perf_counter()
-
-    def _after(self, *_args: object) -> None:
-        elapsed = time.perf_counter() - self._started
-        self.times[self._kind] = self.times.get(self._kind, 0.0) + elapsed
-
-    def describe(self, kind: str) -> str:
-        """``"`INSERT herald_builds` ×1 (executemany, 50,000 rows; 2.10 s)"``."""
-        calls, styles = self.kinds[kind], self.styles.get(kind, set())
-        how = "/".join(sorted(styles - {"execute"}))
-        rows = f"{how}, {self.rows[kind]:,} rows; " if how else ""
-        return f"`{kind}` ×{calls} ({rows}{self.times.get(kind, 0.0):.2f} s)"
+        self.kinds[statement_kind(statement)] += 1
 
     def __enter__(self) -> StatementLog:
         sa.event.listen(self.engine, "before_cursor_execute", self._before)
-        sa.event.listen(self.engine, "after_cursor_execute", self._after)
         return self
 
     def __exit__(self, *_exc: object) -> None:
         sa.event.remove(self.engine, "before_cursor_execute", self._before)
-        sa.event.remove(self.engine, "after_cursor_execute", self._after)
 
 
 # -- the two transactions ---------------------------------------------------------
@@ -642,94 +584,6 @@ def calibrate(engine: sa.Engine, builds: Builds, count: int) -> Calibration:
     return found
 
 
-# -- the big evaluation -----------------------------------------------------------
-
-
-@dataclass(slots=True)
-class EvalResult:
-    backend: str
-    builds: int
-    edges: int
-    #: rows appended to the log
-    events: int = 0
-    #: begin → commit returned
-    total: float = 0.0
-    #: add_evaluation: the Evaluation loaded, the Build aggregates made
-    domain: float = 0.0
-    #: uow.save(): to_log, append_many, project
-    save: float = 0.0
-    #: of the save, time inside the driver's execute calls
-    sql: float = 0.0
-    commit: float = 0.0
-    cpu: float = 0.0
-    statements: int = 0
-    #: each kind of statement, with its calls and rows (StatementLog.describe)
-    described: list[str] = field(default_factory=list)
-    #: what the projections hold afterwards: queued builds of the evaluation, edges
-    checked_builds: int = 0
-    checked_edges: int = 0
-
-
-def measure_evaluation(engine: sa.Engine, count: int, bases: int = 100) -> EvalResult:
-    """One transaction: ``add_evaluation`` with ``count`` new builds, then ``uow.save()``.
-
-    Builds after the first ``bases`` each depend on one of them (a dependency
-    edge each, like a jobset whose packages share a few base builds).
-    """
-    trace_id = f"bench-eval-{os.getpid()}-{time.time_ns()}"
-    with engine.begin() as conn:
-        uow = UnitOfWork(conn)
-        uow.add(Evaluation(trace_id, EVAL_JOBSET))
-        uow.save()
-    rng = random.Random(3)
-    bases = min(bases, count)
-    specs = [
-        NewBuild(
-            EVAL_IDS_FROM + i,
-            f"bench.eval.job{i}",
-            f"/nix/store/{rng.getrandbits(128):032x}-job{i}.drv",
-            rng.choice(["x86_64-linux", "aarch64-linux"]),
-            dependencies=() if i < bases else (EVAL_IDS_FROM + rng.randrange(bases),),
-        )
-        for i in range(count)
-    ]
-    result = EvalResult(engine.dialect.name, count, sum(len(s.dependencies) for s in specs))
-    with StatementLog(engine) as statements:
-        cpu0, t0 = time.thread_time(), time.perf_counter()
-        with engine.begin() as conn:
-            uow = UnitOfWork(conn)
-            t1 = time.perf_counter()
-            add_evaluation(uow, trace_id, 1, specs)
-            t2 = time.perf_counter()
-            sql_before = statements.seconds
-            positions = uow.save()
-            t3 = time.perf_counter()
-            sql_in_save = statements.seconds - sql_before
-        t4 = time.perf_counter()
-        cpu = time.thread_time() - cpu0
-    result.events = len(positions)
-    result.total, result.domain, result.save = t4 - t0, t2 - t1, t3 - t2
-    result.sql, result.commit, result.cpu = sql_in_save, t4 - t3, cpu
-    result.statements = statements.count
-    result.described = [statements.describe(kind) for kind in sorted(statements.kinds)]
-    with engine.connect() as conn:
-        result.checked_builds = int(
-            conn.execute(
-                sa.text(
-                    "SELECT count(*) FROM herald_builds WHERE jobset_id = :j AND state = 'queued'"
-                ),
-                {"j": EVAL_JOBSET},
-            ).scalar_one()
-        )
-        result.checked_edges = int(
-            conn.execute(
-                sa.text("SELECT count(*) FROM herald_build_dependencies WHERE build_id >= :b"),
-                {"b": EVAL_IDS_FROM},
-            ).scalar_one()
-        )
-    return result
-
-
 # -- the databases ----------------------------------------------------------------
 
 
@@ -841,7 +695,6 @@ class BackendRun:
     still_running: int = 0
     running_in_projection: int = 0
     log_rows: int = 0
-    evaluation: EvalResult | None = None
 
 
 def _count(engine: sa.Engine, sql: str) -> int:
@@ -856,7 +709,7 @@ def run_backend(
     args: argparse.Namespace,
     log: Callable[[str], None],
 ) -> BackendRun:
-    """Everything measured on one database: calibration, the writer counts, the evaluation."""
+    """Everything measured on one database: calibration, then the writer counts."""
     run = BackendRun(backend)
     engine = create_engine(url)
     try:
@@ -893,14 +746,6 @@ def run_backend(
             engine, "SELECT count(*) FROM herald_builds WHERE state = 'running'"
         )
         run.log_rows = _count(engine, "SELECT count(*) FROM herald_events")
-        if args.eval_builds:
-            log(f"  one evaluation adding {args.eval_builds:,} builds")
-            run.evaluation = measure_evaluation(engine, args.eval_builds)
-            ev = run.evaluation
-            log(
-                f"  {ev.total:.2f} s, {ev.statements} statements "
-                f"({', '.join(ev.described).replace('`', '')})"
-            )
     finally:
         engine.dispose()
     return run
@@ -1024,41 +869,6 @@ def detail_rows(report: Report) -> list[list[str]]:
     return rows
 
 
-EVAL_HEADER: Final = [
-    "backend",
-    "builds (dependency edges)",
-    "log rows appended",
-    "total s",
-    "add_evaluation s",
-    "save s (of which in SQL)",
-    "commit s",
-    "client CPU s",
-    "SQL statements",
-]
-
-
-def eval_rows(report: Report) -> list[list[str]]:
-    rows = []
-    for run in report.runs:
-        ev = run.evaluation
-        if ev is None:
-            continue
-        rows.append(
-            [
-                BACKEND_LABELS[run.backend],
-                f"{ev.builds:,} ({ev.edges:,})",
-                f"{ev.events:,}",
-                f"{ev.total:.2f}",
-                f"{ev.domain:.2f}",
-                f"{ev.save:.2f} ({ev.sql:.2f})",
-                f"{ev.commit:.2f}",
-                f"{ev.cpu:.2f}",
-                f"{ev.statements}",
-            ]
-        )
-    return rows
-
-
 def _one_tx(kinds: Counter[str]) -> str:
     return ", ".join(f"`{k}`" + (f" ×{n}" if n > 1 else "") for k, n in kinds.items())
 
@@ -1126,33 +936,6 @@ def checks(report: Report) -> list[str]:
     return notes
 
 
-def eval_notes(report: Report) -> list[str]:
-    notes = []
-    for run in report.runs:
-        ev = run.evaluation
-        if ev is None:
-            continue
-        per_row = ev.events + ev.builds + ev.edges
-        inside = (
-            "herald, SQLAlchemy and psycopg in Python; PostgreSQL's work is not in it"
-            if run.backend == "postgresql"
-            else "herald and SQLAlchemy in Python, and SQLite itself, which runs in process"
-        )
-        ok = ev.checked_builds == ev.builds and ev.checked_edges == ev.edges
-        notes.append(
-            f"{BACKEND_LABELS[run.backend]}: {ev.statements} statements for {ev.events:,} "
-            f"log rows, {ev.builds:,} `herald_builds` rows and {ev.edges:,} dependency "
-            f"edges ({per_row:,} rows; a round trip per row would be {per_row:,} "
-            f"statements): {', '.join(ev.described)}. {ev.builds / ev.total:,.0f} builds/s "
-            f"end to end; this process's CPU time was {100 * ev.cpu / ev.total:.0f} % of "
-            f"the wall time ({inside}). "
-            f"Afterwards the projections hold {ev.checked_builds:,} queued "
-            f"builds of the evaluation and {ev.checked_edges:,} edges — "
-            f"{'as expected' if ok else '**not as expected**'}."
-        )
-    return notes
-
-
 def markdown(report: Report) -> str:
     m, args = report.machine, report.args
     dated = (
@@ -1190,13 +973,12 @@ def markdown(report: Report) -> str:
     reproduce = (
         "**Reproduce.** `make bench` (after B1), or `.venv/bin/python -m bench.unit_of_work` "
         "(options: `--seconds`, `--warmup`, `--rounds`, `--writers`, `--sqlite-writers`, "
-        "`--backends`, "
-        "`--eval-builds`, `--help`; the PostgreSQL server from "
+        "`--backends`, `--help`; the PostgreSQL server from "
         f"`{URL_SETTING}`, default `{DEFAULT_URL}`). This run: `--seconds {args.seconds:g} "
         f"--warmup {args.warmup:g} --rounds {args.rounds} --writers "
         f"{' '.join(str(w) for w in args.writers)} --sqlite-writers "
         f"{' '.join(str(w) for w in args.sqlite_writers)} --backends "
-        f"{' '.join(backends)} --eval-builds {args.eval_builds}`."
+        f"{' '.join(backends)}`."
     )
     length = args.seconds / (2 * args.rounds)
     measured = (
@@ -1235,23 +1017,6 @@ def markdown(report: Report) -> str:
         "`before_cursor_execute` listener, in this process, before the timed runs. Ratio "
         "cells give the ratio over the whole run, then each round's in parentheses."
     )
-    evaluation = (
-        f"**One evaluation adding {args.eval_builds:,} builds.** After the throughput runs, "
-        "on the same database: an evaluation is started (its own transaction), then one "
-        "transaction runs `herald.outbox.farm.add_evaluation(uow, trace_id, eval_id, "
-        f"new_builds)` with {args.eval_builds:,} `NewBuild`s (after the first 100, each "
-        "depends on one of those 100) and `uow.save()`: a `build_queued` per build, the "
-        "`eval_added`, one `builds_added`, and the projections (`herald_builds`, "
-        "`herald_build_dependencies`, `herald_evaluations`). Every statement the engine "
-        "sent was counted with a `before_cursor_execute` listener: one per driver call "
-        "(`cursor.execute` or `cursor.executemany`), so a multi-row `INSERT` (SQLAlchemy's "
-        "insertmanyvalues, up to 1,000 rows, used where herald needs `RETURNING`) is one, "
-        "and so is an `executemany`, whose rows psycopg 3 sends in pipeline mode (one "
-        "stream, no wait for each row's reply; the server still runs the `INSERT` once per "
-        "row) and SQLite runs in process. The rows each kind carried are given beside it. "
-        "The time in SQL is the sum of the driver calls (`after_cursor_execute`); client "
-        "CPU is this process's thread's."
-    )
     where = (
         f"{m.cores} cores shared by the writers and PostgreSQL"
         if "postgresql" in backends
@@ -1268,6 +1033,10 @@ def markdown(report: Report) -> str:
         "events committing together and of the version check, and the notes above say how "
         f"much of it is client CPU. The tx/s are the ceilings of this machine ({where}), "
         "not of a farm: the writers do nothing but finish builds."
+    )
+    bulk = (
+        "The unit of work's other end, one evaluation adding 50,000 builds in one "
+        "transaction, is B2: `bench/bulk.py`, against a raw `COPY` of the same rows."
     )
     lines = [
         BEGIN_MARK,
@@ -1297,18 +1066,7 @@ def markdown(report: Report) -> str:
         *(f"- {note}" for note in checks(report)),
         "",
     ]
-    if any(run.evaluation for run in report.runs):
-        lines.extend(
-            [
-                evaluation,
-                "",
-                md_table(EVAL_HEADER, eval_rows(report)),
-                "",
-                *(f"- {note}" for note in eval_notes(report)),
-                "",
-            ]
-        )
-    lines.extend([reading, "", END_MARK])
+    lines.extend([reading, "", bulk, "", END_MARK])
     return "\n".join(lines) + "\n"
 
 
@@ -1326,20 +1084,13 @@ def write_markdown(path: Path, section: str) -> None:
 
 def print_report(report: Report) -> None:
     print()
-    print("B2 — saving a build finish: raw append vs the unit of work")
+    print("Unit of work (issue #3) — saving a build finish: raw append vs the unit of work")
     print(text_table(SUMMARY_HEADER, summary_rows(report)))
     print()
     print(text_table(DETAIL_HEADER, detail_rows(report)))
     print()
     for note in [*throughput_notes(report), *checks(report)]:
         print(f"- {note.replace('**', '')}")
-    rows = eval_rows(report)
-    if rows:
-        print()
-        print(f"One evaluation adding {report.args.eval_builds:,} builds, one transaction")
-        print(text_table(EVAL_HEADER, rows))
-        for note in eval_notes(report):
-            print(f"- {note.replace('**', '')}")
 
 
 # -- main -------------------------------------------------------------------------
@@ -1390,12 +1141,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the databases to measure (default: postgresql sqlite)",
     )
     parser.add_argument(
-        "--eval-builds",
-        type=int,
-        default=50_000,
-        help="builds the one big evaluation adds; 0 to skip it (default: 50000)",
-    )
-    parser.add_argument(
         "--calibration",
         type=int,
         default=200,
@@ -1433,8 +1178,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--seconds and --rounds must be positive, --warmup not negative")
     if min(args.writers + args.sqlite_writers) < 1:
         parser.error("writer counts must be at least 1")
-    if args.eval_builds < 0 or args.calibration < 1:
-        parser.error("--eval-builds must not be negative, --calibration at least 1")
+    if args.calibration < 1:
+        parser.error("--calibration must be at least 1")
     args.writers = sorted(set(args.writers))
     args.sqlite_writers = sorted(set(args.sqlite_writers))
     args.backends = list(dict.fromkeys(args.backends))
