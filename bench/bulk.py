@@ -12,9 +12,9 @@ indexes, constraints and triggers, and no rows of an earlier run. Then, in
 
 * **herald**: one transaction, timed from ``engine.begin()`` until the commit
   returned: ``herald.outbox.farm.add_evaluation(uow, trace_id, eval_id,
-  new_builds)`` with ``--builds`` ``NewBuild``\\ s (the shape of
-  ``bench/unit_of_work.py``: after the first 100 builds each depends on one
-  of those 100), ``uow.save()``, commit. The rows it wrote are read back
+  new_builds)`` with ``--builds`` ``NewBuild``\\ s (after the first 100
+  builds each depends on one of those 100, like a jobset whose packages share
+  a few base builds), ``uow.save()``, commit. The rows it wrote are read back
   afterwards (not timed).
 * **raw COPY**: psycopg 3, one transaction, timed from the first statement
   until the commit returned: ``COPY ... FROM STDIN (FORMAT BINARY)`` of
@@ -65,7 +65,7 @@ BEGIN_MARK, END_MARK = markers("bench.bulk")
 TRACE_ID: Final = "bench-bulk-eval"
 JOBSET: Final = 2
 EVAL_ID: Final = 1
-#: the build ids of the evaluation's builds (as in bench/unit_of_work.py)
+#: the build ids of the evaluation's builds
 IDS_FROM: Final = 500_000_000
 #: builds the others depend on
 BASES: Final = 100
@@ -386,8 +386,8 @@ constraints and triggers and no rows of an earlier run; the rounds are mirrored 
 first, then COPY first), after one untimed herald run of 1,000 builds. *herald*: one
 transaction, from `engine.begin()` until the commit returned:
 `herald.outbox.farm.add_evaluation(uow, trace_id, eval_id, new_builds)` with
-{args.builds:,} `NewBuild`s (after the first 100, each depends on one of those 100: the
-shape of `bench/unit_of_work.py`), `uow.save()`, commit. *Raw COPY*: psycopg 3, one
+{args.builds:,} `NewBuild`s (after the first 100, each depends on one of those 100, like a
+jobset whose packages share a few base builds), `uow.save()`, commit. *Raw COPY*: psycopg 3, one
 transaction, binary `COPY ... FROM STDIN` from Python tuples of exactly the rows herald's
 transaction wrote ({counts}; `tx` and `recorded_at` left to their defaults, as herald
 leaves them), then the one `UPDATE` of the evaluation's row, commit: {found.total:,} rows.

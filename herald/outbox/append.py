@@ -375,6 +375,9 @@ def _row(event: NewEvent | LogEvent) -> tuple[dict[str, Any], str]:
     occurred_at = event.occurred_at or datetime.now(UTC)
     if not isinstance(occurred_at, datetime) or occurred_at.tzinfo is None:
         raise InvalidPayload(topic, "occurred_at must be a timezone-aware datetime")
+    # Stored in UTC: SQLite keeps a datetime's wall-clock text without its offset
+    # (12:30+02:00 would read back as 12:30 UTC); PostgreSQL's timestamptz converts.
+    occurred_at = occurred_at.astimezone(UTC)
     row = {
         "topic": topic,
         "payload": event.payload,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -186,6 +186,18 @@ def test_occurred_at_is_kept(engine: sa.Engine) -> None:
         append(conn, "build_started", {"build_id": 1}, occurred_at=when)
     (entry,) = read_all(engine)
     assert entry.occurred_at == when
+
+
+def test_occurred_at_with_an_offset_is_the_same_instant(engine: sa.Engine) -> None:
+    when = datetime(2026, 11, 1, 12, 30, tzinfo=timezone(timedelta(hours=2)))
+    with engine.begin() as conn:
+        append(conn, "build_started", {"build_id": 1}, occurred_at=when)
+        append_many(conn, [NewEvent("build_started", {"build_id": 2}, occurred_at=when)] * 20)
+    entries = read_all(engine)
+    assert len(entries) == 21
+    # The same instant (10:30 UTC) on both backends and on every write path.
+    assert {entry.occurred_at for entry in entries} == {when}
+    assert all(entry.occurred_at.utcoffset() == timedelta(0) for entry in entries)
 
 
 @pytest.fixture
