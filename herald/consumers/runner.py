@@ -772,8 +772,8 @@ class Runner(threading.Thread):
 
     def _look(self, conn: sa.Connection, position: int) -> tuple[store.ConsumerRow | None, Page]:
         """The consumer's row (claim, epoch, requests) and the page after ``position``."""
-        row = store.consumer_row(conn, self.consumer.name)
-        page = read_page(conn, position, self.page_size, self.consumer.topic_filter)
+        row, top = store.look(conn, self.consumer.name)
+        page = read_page(conn, position, self.page_size, self.consumer.topic_filter, top=top)
         return row, page
 
     def _items(self, entries: Sequence[LogEntry]) -> list[_Item]:

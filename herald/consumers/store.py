@@ -30,13 +30,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
 from sqlalchemy.dialects import postgresql, sqlite
 
 from herald.consumers.model import Outcome, validate_name
 from herald.errors import LostClaim, NotParked, UnknownConsumer
 from herald.outbox import LogEntry
-from herald.outbox.reader import entries_at
+from herald.outbox.reader import entries_at, head
 from herald.schema import consumers, deliveries, parked
 from herald.schema.dberrors import translated
 from herald.schema.queries import QUERIES
@@ -56,6 +57,7 @@ __all__ = [
     "insert_records",
     "last_errors",
     "last_record",
+    "look",
     "now",
     "parked_counts",
     "parked_heads",
@@ -230,6 +232,29 @@ def consumer_row(conn: sa.Connection, name: str) -> ConsumerRow | None:
     if row is None:
         return None
     return _consumer(row)
+
+
+def look(conn: sa.Connection, name: str) -> tuple[ConsumerRow | None, int]:
+    """The consumer's row and the log's head, as the daemon reads them before a page.
+
+    On PostgreSQL in one round trip (psycopg's pipeline mode); ``conn`` must
+    not be in a transaction it has begun (the daemon reads on an autocommit
+    connection), and the head is read after the row.
+    """
+    if conn.dialect.name != "postgresql":
+        return consumer_row(conn, name), head(conn)
+    driver: Any = conn.connection.driver_connection
+    with (
+        translated(),
+        driver.cursor(row_factory=namedtuple_row) as rows,
+        driver.cursor() as heads,
+    ):
+        with driver.pipeline():
+            rows.execute(QUERIES["consumer_row"], (name,))
+            heads.execute(QUERIES["head"])
+        found = rows.fetchone()
+        top = heads.fetchone()
+    return (None if found is None else _consumer(found)), int(top[0])
 
 
 def _consumer(row: Any) -> ConsumerRow:

@@ -429,12 +429,15 @@ def read_page(
     scan_limit: int = 10_000,
     until_seq: int | None = None,
     narrow: EventFilter | None = None,
+    top: int | None = None,
 ) -> Page:
     """Read up to ``limit`` entries with ``seq > after``, in seq order.
 
     Reads only what is ordered already (on PostgreSQL, what a sequencer
     cycle has given a seq); :class:`LogReader` runs a cycle first when no
-    sequencer daemon is active.
+    sequencer daemon is active. ``top``: the head (:func:`head`), if the
+    caller has just read it on ``conn`` (the daemon reads it with the
+    consumer's row, in one round trip); read here otherwise.
     """
     if after < 0:
         raise UsageError(f"cannot read after seq {after}: seqs start at 1")
@@ -446,7 +449,8 @@ def read_page(
         # The head is read first: every seq up to it is committed (cycles commit
         # in seq order), so a page bounded by it can never step over a seq
         # that commits while the page is being read.
-        top = head(conn)
+        if top is None:
+            top = head(conn)
         if until_seq is not None:
             top = min(top, until_seq)
         if conn.dialect.name == "postgresql" and not narrow:

@@ -61,6 +61,10 @@ FROM herald_consumers WHERE name = %s
 UPDATE herald_consumers SET offset_seq = %s, updated_at = %s
 WHERE name = %s AND owner = %s AND epoch = %s AND offset_seq = %s
 
+-- head --
+-- The newest seq in the log (0 for an empty log).
+SELECT coalesce(max(seq), 0) AS head FROM herald_log
+
 -- read_page --
 -- A page of every topic: the entries after %(after)s up to %(bound)s (psycopg %(name)s placeholders, read on the driver).
 SELECT l.seq, e.position, e.topic, e.payload, e.delivery, e.dedupe_key, e.aggregate_id,
