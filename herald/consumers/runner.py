@@ -47,7 +47,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from functools import partial
 from operator import attrgetter
 from typing import Any, Literal, Protocol
 
@@ -575,6 +574,10 @@ class Runner(threading.Thread):
         #: a commit found the consumer reset (the offset is the operator's now)
         self._stale = False
         self._commits = _Commits(consumer.name, self._abort)
+        #: commits handed in and not yet taken by the commits thread: (offset, items,
+        #: parked); one job takes all of them
+        self._to_commit: list[tuple[int, Sequence[_Item], Sequence[ParkedRow]]] = []
+        self._to_commit_lock = threading.Lock()
         #: the consumer's epoch when its offset was read (a reset bumps it)
         self.epoch = 0
         self.control = -1
@@ -704,6 +707,10 @@ class Runner(threading.Thread):
     def _load(self) -> None:
         self._prefetched = None
         self._commits.settle()
+        with self._to_commit_lock:
+            # Handed in after a commit failed (the commits thread drops the rest):
+            # delivered again from the offset read below.
+            self._to_commit = []
         with self.engine.connect() as conn:
             row = store.consumer_row(conn, self.consumer.name)
             if row is None or row.owner != self.token:
@@ -939,9 +946,29 @@ class Runner(threading.Thread):
         self._prefetched = (after, row, page)
 
     def _submit(self, offset: int, items: Sequence[_Item], parked: Sequence[ParkedRow]) -> None:
-        """Hand a commit to the commits' thread; reading goes on from ``offset``."""
+        """Hand a commit to the commits' thread; reading goes on from ``offset``.
+
+        Commits that queue up while one is being made go together in the next
+        transaction (one fence to the newest offset, every record): when the
+        database falls behind, it gets fewer, bigger commits instead of a
+        growing queue of small ones.
+        """
         self.position = offset
-        self._commits.submit(partial(self._commit, offset, items, parked))
+        with self._to_commit_lock:
+            self._to_commit.append((offset, items, parked))
+            if len(self._to_commit) > 1:
+                return  # the commit already handed in takes this one too
+        self._commits.submit(self._commit_queued)
+
+    def _commit_queued(self) -> None:
+        with self._to_commit_lock:
+            queued, self._to_commit = self._to_commit, []
+        if queued:
+            self._commit(
+                queued[-1][0],
+                [item for _, items, _ in queued for item in items],
+                [row for _, _, parked in queued for row in parked],
+            )
 
     def _commit(self, offset: int, items: Sequence[_Item], parked: Sequence[ParkedRow]) -> None:
         # On the commits' thread, in order: self.offset is the last one committed.
