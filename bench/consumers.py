@@ -21,13 +21,23 @@ file in a temporary directory, deleted at the end), both migrated as
    * ``read_page``: herald's reader, :func:`herald.outbox.read_page` with the
      consumer's topic filter, pages of ``--batch-size``, nothing delivered;
    * ``daemon``: a :class:`herald.consumers.Daemon` with one consumer whose
-     handler does nothing (``batch_size=--batch-size``; every other setting
-     the default), timed from ``start()`` until :func:`herald.consumers.wait_for`
-     says the last seq is finished. This includes what the daemon does per
+     handler does nothing, once per batch size of ``--daemon-batch-sizes``
+     (500, ``Consumer``'s default, 1,000 and 5,000; every other setting the
+     default), in ``--rounds`` mirrored rounds (500, 1000, 5000, then 5000,
+     1000, 500, ...) so that a drift of the machine falls on every batch size
+     alike. Each pass is a fresh consumer (its own name, offset 0) over the
+     same log, timed from ``start()`` until :func:`herald.consumers.wait_for`
+     says the last seq is finished; this includes what the daemon does per
      event (a delivery record, written with the offset in one transaction per
-     batch) and its start-up (claiming the consumer).
+     page of half a batch) and its start-up (claiming the consumer). Each pass
+     is checked afterwards (handler calls, delivery records, distinct seqs
+     delivered, final offset), then its records and consumer row are deleted
+     (PostgreSQL: and the two tables vacuumed): every pass starts on the same
+     tables.
 
-   The raw read runs before and after the daemon; the ratio uses the faster.
+   The raw read runs before the first pass and after the last; the ratios use
+   the faster. A consumer's batch size bounds what a kill repeats, so the
+   table shows what each bound costs in throughput.
 
 2. **Commit → handler latency** on PostgreSQL, at each of ``--rates``
    (1,000 and 200 events/s) for ``--latency-seconds`` (after
@@ -253,31 +263,26 @@ class Pass:
 
 
 @dataclass(slots=True)
-class ThroughputRun:
-    """One backend's part 1."""
+class DaemonPass:
+    """One daemon pass: a fresh no-op consumer from offset 0 to the last seq."""
 
-    backend: str
-    events: int
     batch_size: int
-    prefill_seconds: float = 0.0
-    sequence_seconds: float = 0.0
-    raw: list[Pass] = field(default_factory=list)
-    reader: Pass | None = None
-    daemon: Pass | None = None
+    #: the mirrored round it belongs to (1-based), and its place among all passes
+    round: int
+    number: int
+    #: events in the log, and the last seq (what the offset must reach)
+    events: int
+    last_seq: int
+    time: Pass
     #: what the database says afterwards (a consistency check)
     handler_calls: int = 0
     records: int = 0
     delivered_seqs: int = 0
     offset: int = 0
-    last_seq: int = 0
-    #: transactions the daemon's engine committed during its run
+    #: transactions the daemon's engine committed during the pass
     commits: int = 0
     #: % of one core other processes ("other") and the server's background used meanwhile
     others: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def best_raw(self) -> Pass:
-        return max(self.raw, key=lambda p: p.rate)
 
     @property
     def consistent(self) -> bool:
@@ -288,6 +293,44 @@ class ThroughputRun:
             and self.delivered_seqs == n
             and self.offset == self.last_seq
         )
+
+
+@dataclass(slots=True)
+class ThroughputRun:
+    """One backend's part 1."""
+
+    backend: str
+    events: int
+    #: the raw and ``read_page`` reads' page size (``--batch-size``)
+    page_size: int
+    prefill_seconds: float = 0.0
+    sequence_seconds: float = 0.0
+    raw: list[Pass] = field(default_factory=list)
+    reader: Pass | None = None
+    #: the daemon's passes, in the order they ran
+    passes: list[DaemonPass] = field(default_factory=list)
+    last_seq: int = 0
+
+    @property
+    def best_raw(self) -> Pass:
+        return max(self.raw, key=lambda p: p.rate)
+
+    def by_batch_size(self) -> dict[int, list[DaemonPass]]:
+        """The passes by batch size (in the order first run), each size's in run order."""
+        found: dict[int, list[DaemonPass]] = {}
+        for one in self.passes:
+            found.setdefault(one.batch_size, []).append(one)
+        return found
+
+
+def pooled(passes: Sequence[DaemonPass]) -> Pass:
+    """One batch size's passes as one: events, seconds and CPU summed."""
+    return Pass(
+        "daemon",
+        sum(p.time.events for p in passes),
+        sum(p.time.seconds for p in passes),
+        sum(p.time.cpu for p in passes),
+    )
 
 
 def _timed(label: str, events: int, work: Callable[[], int]) -> Pass:
@@ -371,8 +414,16 @@ def herald_read(engine: sa.Engine, batch: int) -> int:
                 return count
 
 
-def run_daemon(engine: sa.Engine, run: ThroughputRun, name: str) -> Pass:
-    """The no-op consumer from offset 0 to the last seq, in a Daemon; checked afterwards."""
+def run_daemon(
+    engine: sa.Engine, run: ThroughputRun, batch_size: int, round_: int, number: int
+) -> DaemonPass:
+    """A fresh no-op consumer from offset 0 to the last seq, in a Daemon; checked afterwards.
+
+    Its delivery records and consumer row are then deleted (and, on
+    PostgreSQL, the two tables vacuumed), so that the next pass starts on the
+    same tables as this one did.
+    """
+    name = f"bench-noop-{batch_size}-{round_}"
     calls = 0
 
     def noop(_entry: LogEntry) -> None:
@@ -385,7 +436,7 @@ def run_daemon(engine: sa.Engine, run: ThroughputRun, name: str) -> Pass:
         nonlocal commits
         commits += 1
 
-    consumer = Consumer(name, [TOPIC], noop, batch_size=run.batch_size)
+    consumer = Consumer(name, [TOPIC], noop, batch_size=batch_size)
     sa.event.listen(engine, "commit", on_commit)
     others = Others(engine.url.database or "")
     try:
@@ -397,22 +448,47 @@ def run_daemon(engine: sa.Engine, run: ThroughputRun, name: str) -> Pass:
         finally:
             daemon.stop()
     finally:
-        run.others = others.close()
+        seen_others = others.close()
         sa.event.remove(engine, "commit", on_commit)
-    run.commits = commits
-    run.handler_calls = calls
-    with engine.connect() as conn:
-        run.records, run.delivered_seqs = conn.execute(
+    one = DaemonPass(
+        batch_size,
+        round_,
+        number,
+        run.events,
+        run.last_seq,
+        Pass("daemon", run.events, seconds, cpu),
+        handler_calls=calls,
+        commits=commits,
+        others=seen_others,
+    )
+    with engine.begin() as conn:
+        one.records, one.delivered_seqs = conn.execute(
             sa.text(
                 "SELECT count(*), count(DISTINCT seq) FILTER (WHERE outcome = 'delivered') "
                 "FROM herald_deliveries WHERE consumer = :name"
             ),
             {"name": name},
         ).one()
-        run.offset = conn.execute(
+        one.offset = conn.execute(
             sa.text("SELECT offset_seq FROM herald_consumers WHERE name = :name"), {"name": name}
         ).scalar_one()
-    return Pass("daemon", run.events, seconds, cpu)
+        conn.execute(
+            sa.text("DELETE FROM herald_deliveries WHERE consumer = :name"), {"name": name}
+        )
+        conn.execute(sa.text("DELETE FROM herald_consumers WHERE name = :name"), {"name": name})
+    if engine.dialect.name == "postgresql":
+        with psycopg.connect(conninfo(engine.url), autocommit=True) as admin:
+            admin.execute("VACUUM (ANALYZE) herald_deliveries, herald_consumers")
+    return one
+
+
+def _batch_order(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(round, batch size) of each daemon pass, in the order run: 500, 1000, 5000, 5000, ..."""
+    order: list[tuple[int, int]] = []
+    for number in range(args.rounds):
+        sizes = args.daemon_batch_sizes if number % 2 == 0 else reversed(args.daemon_batch_sizes)
+        order += [(number + 1, size) for size in sizes]
+    return order
 
 
 def measure_throughput(
@@ -433,11 +509,14 @@ def measure_throughput(
         log(f"  raw read: {run.raw[-1].rate:,.0f} events/s")
         run.reader = _timed("read_page", events, lambda: herald_read(engine, args.batch_size))
         log(f"  herald read_page: {run.reader.rate:,.0f} events/s")
-        run.daemon = run_daemon(engine, run, "bench-noop")
-        log(
-            f"  daemon, no-op consumer: {run.daemon.rate:,.0f} events/s "
-            f"({run.daemon.seconds:.1f} s; {'consistent' if run.consistent else 'INCONSISTENT'})"
-        )
+        for number, (round_, size) in enumerate(_batch_order(args), 1):
+            one = run_daemon(engine, run, size, round_, number)
+            run.passes.append(one)
+            log(
+                f"  daemon, no-op consumer, batch size {size:,} (round {round_}): "
+                f"{one.time.rate:,.0f} events/s ({one.time.seconds:.1f} s; "
+                f"{'consistent' if one.consistent else 'INCONSISTENT'})"
+            )
         run.raw.append(_timed("raw", events, lambda: raw_read(url, args.batch_size)))
         log(f"  raw read again: {run.raw[-1].rate:,.0f} events/s")
     finally:
@@ -1056,65 +1135,143 @@ def _rate(value: float) -> str:
 THROUGHPUT_HEADER: Final = [
     "backend",
     "events",
+    "batch size",
     "raw read ev/s (before / after)",
     "herald read_page ev/s",
     "daemon, no-op consumer ev/s",
     "daemon / raw",
     "daemon / read_page",
-    "daemon s (its process's CPU)",
+    "daemon s a pass (its process's CPU)",
+    "µs of CPU an event",
 ]
+
+#: B3's target, events/s, and the batch size a consumer has unless configured
+B3_TARGET: Final = 50_000
+DEFAULT_BATCH_SIZE: Final = Consumer("default", [TOPIC], lambda _entry: None).batch_size
+
+
+def _daemon_rate(passes: Sequence[DaemonPass]) -> str:
+    """The passes' pooled events/s, then each pass's in parentheses (in run order)."""
+    whole = _rate(pooled(passes).rate)
+    if len(passes) < 2:
+        return whole
+    return f"{whole} ({', '.join(_rate(p.time.rate) for p in passes)})"
+
+
+def _best_size(run: ThroughputRun) -> int:
+    sizes = run.by_batch_size()
+    return max(sizes, key=lambda size: pooled(sizes[size]).rate)
 
 
 def throughput_rows(report: Report) -> list[list[str]]:
     rows = []
     for run in report.runs:
-        assert run.daemon is not None
         assert run.reader is not None
-        rows.append(
-            [
-                BACKEND_LABELS[run.backend],
-                f"{run.events:,}",
-                " / ".join(_rate(p.rate) for p in run.raw),
-                _rate(run.reader.rate),
-                f"**{_rate(run.daemon.rate)}**",
-                f"{run.daemon.rate / run.best_raw.rate:.2f}",
-                f"{run.daemon.rate / run.reader.rate:.2f}",
-                f"{run.daemon.seconds:.1f} ({run.daemon.cpu_share:.0f} % of a core)",
-            ]
-        )
+        best = _best_size(run)
+        for size, passes in run.by_batch_size().items():
+            daemon = pooled(passes)
+            rate = _daemon_rate(passes)
+            rows.append(
+                [
+                    BACKEND_LABELS[run.backend],
+                    f"{run.events:,}",
+                    f"{size:,}" + (" (default)" if size == DEFAULT_BATCH_SIZE else ""),
+                    " / ".join(_rate(p.rate) for p in run.raw),
+                    _rate(run.reader.rate),
+                    f"**{rate}**" if size == best else rate,
+                    f"{daemon.rate / run.best_raw.rate:.2f}",
+                    f"{daemon.rate / run.reader.rate:.2f}",
+                    f"{daemon.seconds / len(passes):.1f} ({daemon.cpu_share:.0f} % of a core)",
+                    f"{daemon.cpu * 1e6 / daemon.events:,.1f}",
+                ]
+            )
     return rows
+
+
+def throughput_verdict(report: Report) -> str | None:
+    """B3's verdict on PostgreSQL against the target, and what the batch size costs."""
+    run = next((r for r in report.runs if r.backend == "postgresql"), None)
+    if run is None:
+        return None
+    sizes = {size: pooled(passes).rate for size, passes in run.by_batch_size().items()}
+    best = _best_size(run)
+
+    def said(size: int) -> str:
+        rate = f"{_rate(sizes[size])} events/s"
+        return f"**{rate}**" if size == best else rate
+
+    met = [size for size, rate in sizes.items() if rate >= B3_TARGET]
+    if met:
+        where = ", ".join(f"{size:,} ({said(size)})" for size in met)
+        verdict = f"met at batch size{'s' if len(met) > 1 else ''} {where}"
+    else:
+        verdict = f"not met at any batch size measured (the best: {best:,}, {said(best)})"
+    if DEFAULT_BATCH_SIZE in sizes:
+        default = (
+            f"at the default {DEFAULT_BATCH_SIZE:,}: {said(DEFAULT_BATCH_SIZE)} "
+            f"({sizes[DEFAULT_BATCH_SIZE] / B3_TARGET:.2f}× the target)"
+        )
+    else:
+        default = f"the default {DEFAULT_BATCH_SIZE:,} was not measured"
+    inconsistent = [p for p in run.passes if not p.consistent]
+    warning = (
+        f" **{len(inconsistent)} pass(es) inconsistent**, see the notes." if inconsistent else ""
+    )
+    return (
+        f"**Verdict (B3, PostgreSQL, {run.events:,} events), ≥ {B3_TARGET:,} events/s:** "
+        f"{verdict}; {default}.{warning} The batch size is also the bound on duplicates "
+        "after a kill: a kill repeats at most `batch_size` events (those delivered whose "
+        "records and offset were not yet committed), so a larger batch buys its throughput "
+        "with more events delivered twice after a crash."
+    )
 
 
 def throughput_notes(report: Report) -> list[str]:
     notes = []
     for run in report.runs:
-        assert run.daemon is not None
         assert run.reader is not None
-        check = (
-            "consistent"
-            if run.consistent
-            else f"**inconsistent** (expected {run.events:,} of each and offset {run.last_seq:,})"
-        )
+        label = BACKEND_LABELS[run.backend]
         ordered = (
             f", ordered by the sequencer in {run.sequence_seconds:.1f} s"
             if run.backend == "postgresql"
             else " (SQLite: ordered by the writer)"
         )
-        per_commit = run.events / run.commits if run.commits else float("nan")
         notes.append(
-            f"{BACKEND_LABELS[run.backend]}: {run.events:,} events appended in "
-            f"{run.prefill_seconds:.1f} s{ordered}. The daemon's run: "
-            f"{run.daemon.seconds:.1f} s (start-up included), {run.commits:,} transactions "
-            f"committed through its engine (about {per_commit:,.0f} events each), then "
-            f"{run.handler_calls:,} handler calls, {run.records:,} delivery records, "
-            f"{run.delivered_seqs:,} seqs delivered, offset {run.offset:,} of "
-            f"{run.last_seq:,}: {check}. Its process used {run.daemon.cpu_share:.0f} % of one "
-            f"core meanwhile ({run.daemon.cpu * 1e6 / run.events:,.1f} µs of CPU an event; "
-            "the database's work is not in it). Per event, in wall time: the raw read "
-            f"{_us(run.best_raw)}, herald's `read_page` {_us(run.reader)}, the daemon "
-            f"{_us(run.daemon)} (reading, calling the handler, recording and committing, "
-            "partly at the same time on its threads)." + _others(run.others)
+            f"{label}: {run.events:,} events appended in {run.prefill_seconds:.1f} s{ordered}. "
+            f"Per event, in wall time, pages of {run.page_size:,}: the raw read "
+            f"{_us(run.best_raw)}, herald's `read_page` {_us(run.reader)}."
         )
+        for one in run.passes:
+            check = (
+                "consistent"
+                if one.consistent
+                else f"**inconsistent** (expected {one.events:,} of each and offset "
+                f"{one.last_seq:,})"
+            )
+            per_commit = one.events / one.commits if one.commits else float("nan")
+            # What the figures include is said once, at a backend's first pass.
+            first = one is run.passes[0]
+            notes.append(
+                f"{label}, batch size {one.batch_size:,}, round {one.round} (pass "
+                f"{one.number} of {len(run.passes)}): {one.time.rate:,.0f} events/s, "
+                f"{one.time.seconds:.1f} s{' (start-up included)' if first else ''}, "
+                f"{one.commits:,} transactions committed through its engine (about "
+                f"{per_commit:,.0f} events each), then {one.handler_calls:,} handler calls, "
+                f"{one.records:,} delivery records, {one.delivered_seqs:,} seqs delivered, "
+                f"offset {one.offset:,} of {one.last_seq:,}: {check}. Its process used "
+                f"{one.time.cpu_share:.0f} % of one core meanwhile "
+                f"({one.time.cpu * 1e6 / one.events:,.1f} µs of CPU an event"
+                + ("; the database's work is not in it" if first else "")
+                + f"); in wall time the daemon took {_us(one.time)} an event"
+                + (
+                    " (reading, calling the handler, recording and committing, partly at the "
+                    "same time on its threads)"
+                    if first
+                    else ""
+                )
+                + "."
+                + _others(one.others)
+            )
     return notes
 
 
@@ -1424,12 +1581,15 @@ def markdown(report: Report) -> str:
     )
     reproduce = (
         "**Reproduce.** `.venv/bin/python -m bench.consumers` (options: `--events`, "
-        "`--sqlite-events`, `--batch-size`, `--prefill-chunk`, `--rates`, `--rounds`, `--writers`, "
+        "`--sqlite-events`, `--batch-size`, `--daemon-batch-sizes`, `--prefill-chunk`, `--rates`, "
+        "`--rounds`, `--writers`, "
         "`--latency-seconds`, `--latency-warmup`, `--sqlite-rates`, `--sqlite-writers`, "
         "`--backends`, `--samples`, `--quick`, `--help`; the "
         f"PostgreSQL server from `{URL_SETTING}`, default `{DEFAULT_URL}`). This run: "
         f"`--events {args.events} --sqlite-events {args.sqlite_events} --batch-size "
-        f"{args.batch_size} --prefill-chunk {args.prefill_chunk} --rates "
+        f"{args.batch_size} --daemon-batch-sizes "
+        f"{' '.join(str(size) for size in args.daemon_batch_sizes)} --prefill-chunk "
+        f"{args.prefill_chunk} --rates "
         f"{' '.join(f'{r:g}' for r in args.rates)} --rounds {args.rounds} --writers "
         f"{args.writers} "
         f"--latency-seconds {args.latency_seconds:g} --latency-warmup "
@@ -1437,6 +1597,7 @@ def markdown(report: Report) -> str:
         f"{' '.join(f'{r:g}' for r in args.sqlite_rates)} --sqlite-writers "
         f"{args.sqlite_writers} --backends {' '.join(args.backends)}`."
     )
+    passes = ", ".join(f"{size:,}" for _, size in _batch_order(args))
     throughput = (
         "**No-op consumer throughput.** `build_finished` events (at_least_once) are "
         f"appended with `herald.outbox.append_many`, {args.prefill_chunk:,} a transaction, "
@@ -1447,16 +1608,26 @@ def markdown(report: Report) -> str:
         "over `herald_log JOIN herald_events`, every column; *herald read_page*, "
         "`herald.outbox.read_page` with the consumer's topic filter, pages of "
         f"{args.batch_size:,}, nothing delivered; and the *daemon*: "
-        "`herald.consumers.Daemon` with one consumer whose handler does nothing "
-        f"(`batch_size={args.batch_size}`, every other setting the default), timed from "
-        "`start()` until `wait_for` says the last seq is finished. Per event, the daemon "
-        "also calls the handler on its worker thread and writes a delivery record; it "
-        "reads the next page (half a batch) while one is delivered, and its commits thread "
-        "commits each page's records and offset while the next is delivered. Its start-up "
-        "(claiming the consumer) is included. The benchmark's process runs with `herald "
-        "run`'s collector settings (`herald.consumers.tune_garbage_collector()`). The raw "
-        "read runs before and after the daemon; the ratios use the faster."
+        "`herald.consumers.Daemon` with one consumer whose handler does nothing (every "
+        "setting but `batch_size` the default), timed from `start()` until `wait_for` says "
+        "the last seq is finished, once per batch size "
+        f"({', '.join(f'{size:,}' for size in args.daemon_batch_sizes)}; "
+        f"{DEFAULT_BATCH_SIZE:,} is `Consumer`'s default) in {args.rounds} mirrored "
+        f"round(s), in the order {passes}. Each pass is a fresh consumer (its own name, offset 0) "
+        "over the same log; afterwards its handler calls, delivery records, distinct seqs "
+        "delivered and offset are checked, then its records and consumer row are deleted "
+        "(PostgreSQL: and the two tables vacuumed), so every pass starts on the same tables. "
+        "Per event, the daemon also calls the handler on its worker thread and writes a "
+        "delivery record; it reads a page of half a batch at a time, reads the next while "
+        "one is delivered, and its commits thread commits each page's records and offset "
+        "while the next is delivered. Its start-up (claiming the consumer) is included. The "
+        "daemon's cells give the passes' pooled events/s (events over seconds, all rounds), "
+        "then each pass's in run order, in parentheses; the best batch size is in bold. "
+        "The benchmark's process runs with `herald run`'s collector settings "
+        "(`herald.consumers.tune_garbage_collector()`). The raw read runs before the first "
+        "pass and after the last; the ratios use the faster."
     )
+    verdict = throughput_verdict(report)
     order = ", ".join(f"{r:g}" for r in _rounds_order(args))
     latency = (
         "**Commit → handler latency (PostgreSQL, the same database afterwards).** "
@@ -1485,6 +1656,7 @@ def markdown(report: Report) -> str:
             "",
             md_table(THROUGHPUT_HEADER, throughput_rows(report)),
             "",
+            *([verdict, ""] if verdict else []),
             *(f"- {note}" for note in throughput_notes(report)),
             "",
         ]
@@ -1533,6 +1705,9 @@ def print_report(report: Report) -> None:
     print("B3 — the consumer daemon")
     if report.runs:
         print(text_table(THROUGHPUT_HEADER, _plain(throughput_rows(report))))
+        verdict = throughput_verdict(report)
+        if verdict:
+            print(verdict.replace("**", ""))
         for note in throughput_notes(report):
             print(f"- {note.replace('**', '')}")
     if report.latencies:
@@ -1621,7 +1796,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--batch-size",
         type=int,
         default=1000,
-        help="the throughput consumer's batch size and the reads' page size (default: 1000)",
+        help="the page size of the raw and read_page reads (default: 1000)",
+    )
+    parser.add_argument(
+        "--daemon-batch-sizes",
+        type=int,
+        nargs="+",
+        default=[500, 1000, 5000],
+        metavar="N",
+        help="the no-op consumer's batch sizes, one daemon pass each per round (default: "
+        "500 1000 5000; 500 is Consumer's default)",
     )
     parser.add_argument(
         "--prefill-chunk",
@@ -1641,8 +1825,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=2,
-        help="latency runs: mirrored rounds (1000, 200, 200, 1000, ...); --latency-seconds "
-        "is split over them (default: 2)",
+        help="mirrored rounds: of the daemon's batch sizes (500, 1000, 5000, 5000, 1000, "
+        "500, ...), a whole pass each, and of the latency rates (1000, 200, 200, 1000, ...), "
+        "over which --latency-seconds is split (default: 2)",
     )
     parser.add_argument(
         "--writers",
@@ -1728,8 +1913,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.write is None:
         args.write = not args.quick
-    if min(args.events, args.sqlite_events, args.batch_size, args.prefill_chunk) < 1:
-        parser.error("--events, --sqlite-events, --batch-size, --prefill-chunk: at least 1")
+    if (
+        min(args.events, args.sqlite_events, args.batch_size, args.prefill_chunk) < 1
+        or min(args.daemon_batch_sizes) < 1
+    ):
+        parser.error(
+            "--events, --sqlite-events, --batch-size, --daemon-batch-sizes, --prefill-chunk: "
+            "at least 1"
+        )
     if (
         min(*args.rates, *args.sqlite_rates) <= 0
         or args.latency_seconds <= 0
@@ -1742,6 +1933,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.latency_warmup < 0:
         parser.error("--latency-warmup must not be negative")
     args.backends = list(dict.fromkeys(args.backends))
+    args.daemon_batch_sizes = list(dict.fromkeys(args.daemon_batch_sizes))
     return args
 
 
@@ -1802,7 +1994,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if use_pg:
         report.other_sessions_after = describe_machine(admin, args.database).other_sessions
     report.elapsed = time.monotonic() - began
-    disturbed = [r.backend for r in runs if r.others.get("other", 0.0) >= DISTURBED] + [
+    disturbed = [
+        f"{r.backend} batch size {p.batch_size} (round {p.round})"
+        for r in runs
+        for p in r.passes
+        if p.others.get("other", 0.0) >= DISTURBED
+    ] + [
         f"{'SQLite ' if lat.backend == 'sqlite' else ''}{lat.rate:g}/s"
         for lat in latencies + sqlite_latencies
         if lat.others.get("other", 0.0) >= DISTURBED
