@@ -512,6 +512,22 @@ def _take_positions(cur: psycopg.Cursor[Any], count: int) -> list[int]:
     return sorted(taken[0]) if taken else []
 
 
+def _copy_row(position: int, row: dict[str, Any], text: str) -> tuple[Any, ...]:
+    """An event's row as COPY sends it (the columns of ``_PG_COPY_COLUMNS``)."""
+    return (
+        position,
+        row["topic"],
+        # the payload's JSON text, checked and measured by validate_event
+        _jsonb(text),
+        row["delivery"],
+        row["dedupe_key"],
+        row["aggregate_id"],
+        row["aggregate_version"],
+        row["trace_id"],
+        row["occurred_at"],
+    )
+
+
 def _copy_postgresql(
     cur: psycopg.Cursor[Any],
     rows: list[dict[str, Any]],
@@ -531,20 +547,7 @@ def _copy_postgresql(
         copy.set_types(_copy_types(events, _PG_COPY_COLUMNS))
         write = copy.write_row
         for position, row, text in zip(positions, rows, texts, strict=True):
-            write(
-                (
-                    position,
-                    row["topic"],
-                    # the payload's JSON text, checked and measured by validate_event
-                    _jsonb(text),
-                    row["delivery"],
-                    row["dedupe_key"],
-                    row["aggregate_id"],
-                    row["aggregate_version"],
-                    row["trace_id"],
-                    row["occurred_at"],
-                )
-            )
+            write(_copy_row(position, row, text))
         while pending:
             pending.pop(0)()
     return positions
@@ -561,20 +564,7 @@ def _copy_checking(
         copy.set_types(_copy_types(events, _PG_COPY_COLUMNS))
         write = copy.write_row
         for position, event in zip(positions, listed, strict=True):
-            row, text = _row(event)
-            write(
-                (
-                    position,
-                    row["topic"],
-                    _jsonb(text),
-                    row["delivery"],
-                    None,
-                    row["aggregate_id"],
-                    row["aggregate_version"],
-                    row["trace_id"],
-                    row["occurred_at"],
-                )
-            )
+            write(_copy_row(position, *_row(event)))
         while pending:
             pending.pop(0)()
     return positions
