@@ -245,7 +245,7 @@ def look(conn: sa.Connection, name: str) -> tuple[ConsumerRow | None, int]:
         return consumer_row(conn, name), head(conn)
     driver: Any = conn.connection.driver_connection
     with (
-        translated(),
+        translated(conn),
         driver.cursor(row_factory=namedtuple_row) as rows,
         driver.cursor() as heads,
     ):

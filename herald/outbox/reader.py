@@ -445,7 +445,7 @@ def read_page(
         raise UsageError(f"cannot read after seq {after}: seqs end at {MAX_SEQ}")
     if limit < 1:
         raise UsageError(f"limit must be at least 1, not {limit}")
-    with translated():
+    with translated(conn):
         # The head is read first: every seq up to it is committed (cycles commit
         # in seq order), so a page bounded by it can never step over a seq
         # that commits while the page is being read.

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Final
+from typing import Any, Final
 
 import psycopg
+import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
 
 from herald.errors import (
@@ -70,11 +71,27 @@ def translate(exc: sa_exc.SQLAlchemyError | psycopg.Error) -> HeraldError:
 
 
 @contextmanager
-def translated() -> Iterator[None]:
-    """Run the block, re-raising driver errors as herald errors."""
+def translated(conn: sa.Connection | None = None) -> Iterator[None]:
+    """Run the block, re-raising driver errors as herald errors.
+
+    ``conn``: the SQLAlchemy connection whose driver connection the block uses
+    directly. SQLAlchemy never sees those statements fail, so it would hand a
+    broken connection back to its pool, which then fails to roll it back;
+    here the connection is invalidated instead, and the pool drops it.
+    """
     try:
         yield
     except (sa_exc.SQLAlchemyError, psycopg.Error) as exc:
         # psycopg's own errors reach here too: Engine.raw_connection() does not wrap
         # a failed connect, and psycopg-level code (LISTEN, COPY) raises them as is.
+        if conn is not None and isinstance(exc, psycopg.Error):
+            _invalidate_if_lost(conn, exc)
         raise translate(exc) from exc
+
+
+def _invalidate_if_lost(conn: sa.Connection, exc: psycopg.Error) -> None:
+    if conn.invalidated or conn.closed:
+        return
+    driver: Any = conn.connection.driver_connection
+    if driver is not None and (driver.broken or driver.closed):
+        conn.invalidate(exc)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import sqlalchemy as sa
 
-from herald.errors import InvalidTopic, UsageError
+from herald.consumers import store
+from herald.errors import InvalidTopic, TransientDatabaseError, UsageError
 from herald.outbox import (
     LogReader,
     NewEvent,
@@ -292,3 +295,30 @@ def test_pages_skip_the_seqs_a_prune_took(engine: sa.Engine) -> None:
         assert [e.seq for e in page.entries] == [37, 38, 39, 40]
         assert (page.next_after, page.at_head) == (40, True)
     assert [e.seq for e in read_all(engine)] == [11, 12, *range(30, 41)]
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("read", ["read_page", "look"])
+def test_a_read_on_a_killed_connection_fails_cleanly_and_the_pool_drops_it(
+    pg_engine: sa.Engine, read: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reads that run on the driver itself (the daemon's pages and looks, on an
+    autocommit connection) leave a connection the server killed invalidated: the
+    pool drops it, instead of failing, with a traceback in the log, to roll it back."""
+    with pg_engine.begin() as conn:
+        append(conn, "acme.deploy", {"build_id": 1})
+    caplog.set_level(logging.ERROR, logger="sqlalchemy.pool")
+    with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        with pg_engine.connect() as killer, killer.begin():
+            assert killer.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+        with pytest.raises(TransientDatabaseError):
+            if read == "read_page":
+                read_page(conn, 0, 10)
+            else:
+                store.look(conn, "nobody")
+        assert conn.invalidated
+    assert not [r for r in caplog.records if r.name.startswith("sqlalchemy.pool")]
+    # The pool hands out a working connection afterwards.
+    with pg_engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM herald_events").scalar_one() == 1
