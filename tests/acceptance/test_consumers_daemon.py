@@ -691,6 +691,13 @@ path = "{out}"
         "the fresh ephemeral event was delivered",
         daemon.describe,
     )
+    # The handler wrote the line before its delivery record commits: wait for the record.
+    wait_until(
+        lambda: db.seq_of()[3] in db.deliveries("blips"),
+        10,
+        "the fresh event's delivery record",
+        daemon.describe,
+    )
     assert [r["outcome"] for r in db.deliveries("blips")[db.seq_of()[3]]] == ["delivered"]
     stop_daemon(daemon)
 
