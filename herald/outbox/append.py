@@ -534,22 +534,9 @@ def _copy_postgresql(
     texts: list[str],
     pending: list[Callable[[], object]],
 ) -> list[int]:
-    """Binary COPY of rows without dedupe keys; their positions, in order.
-
-    A row whose (aggregate_id, aggregate_version) is taken fails the whole
-    COPY with a unique violation, as the INSERT would. The ``pending``
-    callbacks run (and are removed) once every row is sent, before the COPY
-    ends: the server is still writing the rows meanwhile.
-    """
+    """Binary COPY of checked rows without dedupe keys; their positions, in order."""
     positions = _take_positions(cur, len(rows))
-    _bytes_as_they_are(cur)
-    with cur.copy(_PG_COPY) as copy:
-        copy.set_types(_copy_types(events, _PG_COPY_COLUMNS))
-        write = copy.write_row
-        for position, row, text in zip(positions, rows, texts, strict=True):
-            write(_copy_row(position, row, text))
-        while pending:
-            pending.pop(0)()
+    _copy_events(cur, map(_copy_row, positions, rows, texts), pending)
     return positions
 
 
@@ -559,15 +546,29 @@ def _copy_checking(
     """Binary COPY of events without dedupe keys, each checked as its row is sent (see
     :data:`STREAM_MIN_ROWS`); their positions, in order."""
     positions = _take_positions(cur, len(listed))
+    pairs = zip(positions, listed, strict=True)
+    _copy_events(cur, (_copy_row(position, *_row(event)) for position, event in pairs), pending)
+    return positions
+
+
+def _copy_events(
+    cur: psycopg.Cursor[Any], rows: Iterable[tuple[Any, ...]], pending: list[Callable[[], object]]
+) -> None:
+    """One binary COPY of event rows (:func:`_copy_row`'s), each made as it is sent.
+
+    A row whose (aggregate_id, aggregate_version) is taken fails the whole
+    COPY with a unique violation, as the INSERT would. The ``pending``
+    callbacks run (and are removed) once every row is sent, before the COPY
+    ends: the server is still writing the rows meanwhile.
+    """
     _bytes_as_they_are(cur)
     with cur.copy(_PG_COPY) as copy:
         copy.set_types(_copy_types(events, _PG_COPY_COLUMNS))
         write = copy.write_row
-        for position, event in zip(positions, listed, strict=True):
-            write(_copy_row(position, *_row(event)))
+        for row in rows:
+            write(row)
         while pending:
             pending.pop(0)()
-    return positions
 
 
 #: PostgreSQL's name for each SQLAlchemy type herald's tables use (most specific first).
