@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from herald.consumers import store
 from herald.consumers.model import Consumer
-from herald.consumers.runner import NullMetrics, Runner, _Batch, _items
+from herald.consumers.runner import NullMetrics, Runner, _Batch, _items, reading
 from herald.outbox import Page, read_page
 
 __all__ = ["ReplayResult", "replay"]
@@ -137,7 +137,7 @@ class _Replayer:
 
     def _read(self, position: int) -> Page:
         # Without a transaction, as the runner reads (no BEGIN, no ROLLBACK).
-        with self.runner._reading() as conn:
+        with reading(self.engine) as conn:
             return read_page(
                 conn,
                 position,

@@ -537,6 +537,17 @@ class _Commits:
                     self._cond.notify_all()
 
 
+def reading(engine: sa.Engine) -> AbstractContextManager[sa.Connection]:
+    """A connection for a consumer's reads: without a transaction of its own.
+
+    Each read is one statement with its own snapshot, as it would be in a
+    READ COMMITTED transaction; without one, a look costs no BEGIN and no
+    ROLLBACK (two round trips a page, each waiting for a server that is
+    busy writing the previous page's records).
+    """
+    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
 class Runner(threading.Thread):
     """Runs one consumer for a daemon that holds its claim, until stopped or the claim is lost."""
 
@@ -736,7 +747,7 @@ class Runner(threading.Thread):
         look = self._prefetched
         self._prefetched = None
         if look is None or look[0] != self.position:
-            with self._reading() as conn:
+            with reading(self.engine) as conn:
                 look = (self.position, *self._look(conn, self.position))
         _, row, page = look
         if row is None or row.owner != self.token:
@@ -766,16 +777,6 @@ class Runner(threading.Thread):
             # Only other consumers' topics since the offset: move past them.
             self._submit(page.next_after, [], [])
         return page.at_head
-
-    def _reading(self) -> AbstractContextManager[sa.Connection]:
-        """A connection for the runner's reads: without a transaction of its own.
-
-        Each read is one statement with its own snapshot, as it would be in a
-        READ COMMITTED transaction; without one, a look costs no BEGIN and no
-        ROLLBACK (two round trips a page, each waiting for a server that is
-        busy writing the previous page's records).
-        """
-        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
     def _look(self, conn: sa.Connection, position: int) -> tuple[store.ConsumerRow | None, Page]:
         """The consumer's row (claim, epoch, requests) and the page after ``position``."""
@@ -936,7 +937,7 @@ class Runner(threading.Thread):
         """Look at the consumer's row and the page after ``after``, for the next step."""
         self._prefetched = None
         try:
-            with self._reading() as conn, translated():
+            with reading(self.engine) as conn, translated():
                 row, page = self._look(conn, after)
         except TransientDatabaseError as exc:
             # Only a head start: the next step reads it again (and meets the error, if
