@@ -40,11 +40,12 @@ at-least-once duplicates.
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from operator import attrgetter
@@ -171,14 +172,50 @@ class _Call:
             result = handler(self.item.entry)
             if isinstance(result, Delivered):
                 self.status = result.http_status
-                self.detail = dict(result.detail) if result.detail is not None else None
+                self.detail = storable_detail(result.detail)
         except DeliveryFailed as exc:
-            self.error, self.retry = str(exc) or type(exc).__name__, exc.retry
+            self.error, self.retry = storable_text(str(exc) or type(exc).__name__), exc.retry
             self.status = exc.http_status
-            self.detail = dict(exc.detail) if exc.detail is not None else None
+            self.detail = storable_detail(exc.detail)
         except Exception as exc:  # noqa: BLE001 - recorded, and the consumer goes on
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.error = storable_text(f"{type(exc).__name__}: {exc}")
         self.seconds = _monotonic() - self.started
+
+
+def storable_text(text: str) -> str:
+    """A handler's error message as a record can hold it: PostgreSQL's text has no NUL."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def storable_detail(detail: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A handler's detail as a record can hold it: JSON, whatever the handler gave.
+
+    A value JSON has no type for is stored as its ``str`` (a datetime, a
+    UUID), a NUL character as U+FFFD (jsonb refuses it); a detail that cannot
+    be JSON at all (NaN, a cycle, keys that are not strings) is stored as its
+    ``repr`` with the reason. A record is written whatever the handler
+    returned: a detail that failed the commit would stop the consumer.
+    """
+    if detail is None:
+        return None
+    try:
+        text = json.dumps(detail, default=str, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return {"unstorable": f"{type(exc).__name__}: {exc}", "repr": _no_nul(repr(detail)[:4000])}
+    value = json.loads(text)
+    if not isinstance(value, dict):  # a Mapping that JSON wrote as something else
+        return {"value": _no_nul(value)}
+    return _no_nul(value) if "\\u0000" in text else value
+
+
+def _no_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {storable_text(k): _no_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    return value
 
 
 class _Batch:
