@@ -205,15 +205,14 @@ def test_backoff_is_capped_by_retry_max() -> None:
         raise RuntimeError("down")
 
     c = consumer(calls.handler(always), retry_initial=0.05, retry_max=0.06, max_attempts=6)
-    started = time.monotonic()
     result = deliver(c, [entry(1, 1)])
-    took = time.monotonic() - started
     assert [r.outcome for r in result[1]] == ["failed"] * 5 + ["parked"]
     starts = [t for t, _ in calls.started]
     gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert all(0.045 <= g < 0.5 for g in gaps), gaps
-    # Uncapped, the waits would be 0.05 + 0.1 + 0.2 + 0.4 + 0.8 s.
-    assert took < 1.2
+    assert min(gaps) >= 0.045, gaps
+    # Uncapped, the waits would be 0.05, 0.1, 0.2, 0.4 and 0.8 s: the last two
+    # are past any capped wait plus a scheduling delay.
+    assert max(gaps) < 0.35, gaps
 
 
 def test_an_event_is_parked_after_max_attempts_with_the_last_error() -> None:
@@ -494,8 +493,7 @@ def test_events_without_a_key_go_in_parallel() -> None:
     calls = Calls(sleep=0.05)
     entries = [entry(seq) for seq in range(1, 9)]
     result = deliver(consumer(calls.handler(), concurrency=4), entries)
-    took = max(t for ends in calls.ended.values() for t in ends) - calls.started[0][0]
-    assert took < 0.35  # 8 × 50 ms one at a time would be 0.4 s
+    # Four calls were in the handler at once (each sleeps 50 ms): they ran in parallel.
     assert calls.max_active == 4
     assert all(summary(result[s]) == [("delivered", 1)] for s in range(1, 9))
 
