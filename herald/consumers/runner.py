@@ -172,22 +172,22 @@ class _Call:
             result = handler(self.item.entry)
             if isinstance(result, Delivered):
                 self.status = result.http_status
-                self.detail = storable_detail(result.detail)
+                self.detail = _storable_detail(result.detail)
         except DeliveryFailed as exc:
-            self.error, self.retry = storable_text(str(exc) or type(exc).__name__), exc.retry
+            self.error, self.retry = _storable_text(str(exc) or type(exc).__name__), exc.retry
             self.status = exc.http_status
-            self.detail = storable_detail(exc.detail)
+            self.detail = _storable_detail(exc.detail)
         except Exception as exc:  # noqa: BLE001 - recorded, and the consumer goes on
-            self.error = storable_text(f"{type(exc).__name__}: {exc}")
+            self.error = _storable_text(f"{type(exc).__name__}: {exc}")
         self.seconds = _monotonic() - self.started
 
 
-def storable_text(text: str) -> str:
+def _storable_text(text: str) -> str:
     """A handler's error message as a record can hold it: PostgreSQL's text has no NUL."""
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
-def storable_detail(detail: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def _storable_detail(detail: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """A handler's detail as a record can hold it: JSON, whatever the handler gave.
 
     A value JSON has no type for is stored as its ``str`` (a datetime, a
@@ -199,20 +199,18 @@ def storable_detail(detail: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if detail is None:
         return None
     try:
-        text = json.dumps(detail, default=str, allow_nan=False)
+        text = json.dumps(dict(detail), default=str, allow_nan=False)
     except (TypeError, ValueError) as exc:
         return {"unstorable": f"{type(exc).__name__}: {exc}", "repr": _no_nul(repr(detail)[:4000])}
-    value = json.loads(text)
-    if not isinstance(value, dict):  # a Mapping that JSON wrote as something else
-        return {"value": _no_nul(value)}
+    value: dict[str, Any] = json.loads(text)
     return _no_nul(value) if "\\u0000" in text else value
 
 
 def _no_nul(value: Any) -> Any:
     if isinstance(value, str):
-        return storable_text(value)
+        return _storable_text(value)
     if isinstance(value, dict):
-        return {storable_text(k): _no_nul(v) for k, v in value.items()}
+        return {_storable_text(k): _no_nul(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_no_nul(v) for v in value]
     return value

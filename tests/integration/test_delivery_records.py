@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import uuid
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -126,13 +127,15 @@ def odd_handler(entry: LogEntry) -> Delivered | None:
         return Delivered(200, {"ratio": math.nan})
     if build == 4:
         raise DeliveryFailed("gone\x00", retry=False, http_status=410, detail={"k\x00": ["\x00"]})
+    if build == 6:
+        return Delivered(200, MappingProxyType({"exit_code": 0}))  # a Mapping, not a dict
     return None
 
 
 def test_what_a_handler_says_is_recorded_whatever_it_holds_and_the_consumer_goes_on(
     engine: sa.Engine,
 ) -> None:
-    seqs = emit(engine, [tick(b) for b in (1, 2, 3, 4, 5)])
+    seqs = emit(engine, [tick(b) for b in (1, 2, 3, 4, 5, 6)])
     odd = consumer("odd", odd_handler, max_attempts=1)
     with daemon(engine, odd):
         reach(engine, "odd", seqs[-1], timeout=10)
@@ -156,6 +159,7 @@ def test_what_a_handler_says_is_recorded_whatever_it_holds_and_the_consumer_goes
     )
     assert got[seqs[3]].detail == {"k\ufffd": ["\ufffd"]}
     assert got[seqs[4]].outcome == "delivered"
+    assert (got[seqs[5]].outcome, got[seqs[5]].detail) == ("delivered", {"exit_code": 0})
     assert [(p.seq, p.error) for p in parked_of(engine, "odd")] == [
         (seqs[0], "RuntimeError: bad\ufffdbyte"),
         (seqs[3], "gone\ufffd"),
