@@ -12,10 +12,13 @@ path, ``build_finished`` with zero to three ``dependent_ids``), build ids from
 ``build_finished`` under the build's aggregate id and its version
 (``build_finished`` as the queue runner appends it, with no aggregate), one
 event in ``--rare-every`` a ``build_cancelled`` (the rare topic),
-``occurred_at`` 10 ms apart. Each chunk is given its seqs in log order, then the sequencer's stored
-state is set to the snapshot after the fill (so that a sequencer finds nothing
-left to order: the script checks that it does) and the tables get a
-``VACUUM ANALYZE``, as autovacuum would after such a load.
+``occurred_at`` 10 ms apart. Each chunk is given its seqs in log order, and
+after each the script does what autovacuum would have done by then (with the
+server's thresholds, or a table's own: every 100,000 inserts for the log,
+migration 0007); what a log's free space map holds, and so where the next
+appends go, depends on it. Then the sequencer's stored state is set to the
+snapshot after the fill (so that a sequencer finds nothing left to order: the
+script checks that it does).
 
 Then ``--rounds`` rounds (the two logs alternating, mirrored: small big, big
 small, ...) measure the same things on each log:
@@ -154,17 +157,29 @@ UPDATE herald_sequencer
 SET snapshot = pg_current_snapshot()::text, last_seq = %(last_seq)s, updated_at = now()
 WHERE id = 1
 """
-#: What autovacuum would do now, with the server's own thresholds (``pg_settings``).
-AUTOVACUUM_DUE: Final = """
+
+
+def _autovacuum_setting(name: str) -> str:
+    """The table's own ``name`` (``ALTER TABLE ... SET``) or else the server's."""
+    return (
+        f"coalesce((SELECT option_value FROM pg_options_to_table(c.reloptions)"
+        f" WHERE option_name = '{name}'), current_setting('{name}'))::float8"
+    )
+
+
+def _autovacuum_bound(setting: str) -> str:
+    base = _autovacuum_setting(f"autovacuum_{setting}_threshold")
+    scale = _autovacuum_setting(f"autovacuum_{setting}_scale_factor")
+    return f"{base} + {scale} * greatest(c.reltuples, 0)"
+
+
+#: What autovacuum would do now, with the server's thresholds (``pg_settings``) or the
+#: table's own where it sets them (migration 0007 does for the log and the records).
+AUTOVACUUM_DUE: Final = f"""
 SELECT s.relname,
-       s.n_dead_tup > current_setting('autovacuum_vacuum_threshold')::float8
-           + current_setting('autovacuum_vacuum_scale_factor')::float8 * greatest(c.reltuples, 0)
-       OR s.n_ins_since_vacuum > current_setting('autovacuum_vacuum_insert_threshold')::float8
-           + current_setting('autovacuum_vacuum_insert_scale_factor')::float8
-             * greatest(c.reltuples, 0) AS vacuum,
-       s.n_mod_since_analyze > current_setting('autovacuum_analyze_threshold')::float8
-           + current_setting('autovacuum_analyze_scale_factor')::float8
-             * greatest(c.reltuples, 0) AS analyze
+       s.n_dead_tup > {_autovacuum_bound("vacuum")}
+       OR s.n_ins_since_vacuum > {_autovacuum_bound("vacuum_insert")} AS vacuum,
+       s.n_mod_since_analyze > {_autovacuum_bound("analyze")} AS analyze
 FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid
 """
 SIZES: Final = """
@@ -202,6 +217,8 @@ class Log:
     sizes: list[tuple[str, str, int, int]] = field(default_factory=list)
     #: what the script did for autovacuum between turns
     maintenance: list[str] = field(default_factory=list)
+    #: what it did for autovacuum during the fill
+    fill_maintenance: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.engine = create_engine(self.text_url)
@@ -220,9 +237,16 @@ class Log:
         self.engine.dispose()
 
 
-def fill(dsn: str, count: int, chunk: int, rare: int) -> float:
-    """``count`` events, ``chunk`` a transaction, ordered; the seconds it took."""
+def fill(dsn: str, count: int, chunk: int, rare: int) -> tuple[float, list[str]]:
+    """``count`` events, ``chunk`` a transaction, ordered; the seconds it took, and what
+    the autovacuum of the fill did.
+
+    After each chunk, what autovacuum would do by then (:func:`autovacuum`): a log is
+    not vacuumed once when it holds millions of events, but every so many inserts (for
+    ``herald_events`` every 100,000: migration 0007), and what the free space map holds
+    of a log (the room later appends go to first) depends on it."""
     started = time.perf_counter()
+    maintenance: list[str] = []
     with psycopg.connect(dsn) as conn:
         done = 0
         while done < count:
@@ -237,13 +261,16 @@ def fill(dsn: str, count: int, chunk: int, rare: int) -> float:
             conn.execute(FILL_CHUNK, {**params, "rare_topic": RARE_TOPIC})
             conn.execute(FILL_ORDER)
             conn.commit()
+            # The chunk's inserts into the statistics autovacuum reads, before it looks.
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            conn.commit()
+            maintenance += autovacuum(dsn)
             done = hi
-            log(f"  {done:>12,} / {count:,} events ({time.perf_counter() - started:.0f} s)")
+            if done % max(chunk, count // 10) < chunk or done == count:
+                log(f"  {done:>12,} / {count:,} events ({time.perf_counter() - started:.0f} s)")
         conn.execute(FILL_STATE, {"last_seq": count})
         conn.commit()
-        conn.autocommit = True
-        conn.execute("VACUUM ANALYZE herald_events, herald_log")
-    return time.perf_counter() - started
+    return time.perf_counter() - started, maintenance
 
 
 def prepare(args: argparse.Namespace, label: str, count: int) -> Log:
@@ -261,9 +288,10 @@ def prepare(args: argparse.Namespace, label: str, count: int) -> Log:
             pass
     log(f"{name}: creating and filling {count:,} events, {args.chunk:,} a transaction")
     url = create_scratch(admin, name, BUILD_ROWS)
-    seconds = fill(conninfo(url), count, args.chunk, args.rare_every)
+    seconds, maintenance = fill(conninfo(url), count, args.chunk, args.rare_every)
     log(f"{name}: filled in {seconds:.1f} s")
     scale = Log(label, name, url, count, seconds)
+    scale.fill_maintenance = maintenance
     with scale.engine.connect() as conn:
         found = Sequencer().cycle(conn)
         if found:
@@ -274,14 +302,16 @@ def prepare(args: argparse.Namespace, label: str, count: int) -> Log:
     return scale
 
 
-def autovacuum(scale: Log) -> None:
-    """VACUUM / ANALYZE what autovacuum would have by now (untimed)."""
-    with psycopg.connect(scale.dsn, autocommit=True) as conn:
+def autovacuum(dsn: str) -> list[str]:
+    """VACUUM / ANALYZE what autovacuum would have by now (untimed); what it did."""
+    done = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
         for table, vacuum, analyze in conn.execute(AUTOVACUUM_DUE).fetchall():
             what = " ".join(w for w, due in (("VACUUM", vacuum), ("ANALYZE", analyze)) if due)
             if what:
                 conn.execute(f'{what} "{table}"')
-                scale.maintenance.append(f"{what} {table}")
+                done.append(f"{what} {table}")
+    return done
 
 
 def checkpoint(scale: Log) -> None:
@@ -521,8 +551,8 @@ def size_rows(small: Log, big: Log) -> list[list[str]]:
     return rows
 
 
-def _maintenance(scale: Log) -> str:
-    done = Counter(scale.maintenance)
+def _maintenance(done_list: list[str]) -> str:
+    done = Counter(done_list)
     return ", ".join(f"{what} ×{count}" for what, count in sorted(done.items())) or "nothing"
 
 
@@ -577,7 +607,10 @@ def markdown(report: Report) -> str:
         f"ordered, head {report.final[s.label][2]:,}"
         for s in (small, big)
     )
-    maintenance = "; ".join(f"{s.label} log: {_maintenance(s)}" for s in (small, big))
+    maintenance = "; ".join(f"{s.label} log: {_maintenance(s.maintenance)}" for s in (small, big))
+    fill_maintenance = "; ".join(
+        f"{s.label} log: {_maintenance(s.fill_maintenance)}" for s in (small, big)
+    )
     writers = " ".join(str(w) for w in args.writers)
     return f"""{BEGIN_MARK}
 
@@ -596,14 +629,16 @@ the start: {m.other_sessions}; load average (1 min) {m.load[0]:.2f} at the start
 `--database`, `--help`).
 
 **The logs.** Filled by `INSERT ... SELECT generate_series`, {args.chunk:,} events a
-transaction, then ordered and vacuumed: {fills}. Builds' lifecycles (`build_queued`,
+transaction, each ordered, and after each what autovacuum would have done by then
+({fill_maintenance}): {fills}. Builds' lifecycles (`build_queued`,
 `build_started`, three `step_started`/`step_finished` with a log path, `build_finished` with
 0–3 `dependent_ids`); build ids from {FIRST_BUILD:,}, so that rows are the same sizes in
 both logs and so is the room left in full heap pages (the free space map sends later
 appends to any page with room); each build an aggregate (its events versioned) but
 `build_finished`, appended as the queue runner does, with no aggregate; one event in
 {args.rare_every:,} a `{RARE_TOPIC}` (the rare topic). At the end: {ends}. Between turns
-the script did what autovacuum would have (the server runs with `autovacuum` as shown above):
+the script did what autovacuum would have (the server runs with `autovacuum` as shown above;
+its thresholds, or a table's own):
 {maintenance}. Each turn starts with a `CHECKPOINT` (untimed): the fill of the big log leaves
 gigabytes of dirty buffers and WAL behind, and a checkpoint writing them out during the big
 log's turns would be counted as the big log's cost.
@@ -665,7 +700,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--small", type=int, default=100_000, help="Events in the small log.")
     parser.add_argument("--big", type=int, default=10_000_000, help="Events in the big log.")
-    parser.add_argument("--chunk", type=int, default=1_000_000, help="Events per fill transaction.")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=50_000,
+        help="Events per fill transaction (after each, what autovacuum would do).",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="Rounds (each log once a round).")
     parser.add_argument("--window", type=int, default=100_000, help="Seqs read per read run.")
     parser.add_argument("--page", type=int, default=1000, help="Entries per read_page.")
@@ -725,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 checkpoint(scale)
                 for step in steps:
                     step(scale, number)
-                autovacuum(scale)
+                scale.maintenance += autovacuum(scale.dsn)
         for scale in logs:
             measure_sizes(scale)
         final = {s.label: counts(s) for s in logs}

@@ -150,3 +150,45 @@ def _log_keys(conn: sa.Connection) -> list[str | None]:
     keys = [fk["name"] for fk in sa.inspect(conn).get_foreign_keys("herald_log")]
     conn.rollback()
     return keys
+
+
+def _autovacuum_options(conn: sa.Connection) -> dict[str, list[str] | None]:
+    rows = conn.execute(
+        sa.text(
+            "SELECT relname, reloptions FROM pg_class"
+            " WHERE relname IN ('herald_events', 'herald_deliveries', 'herald_log')"
+        )
+    ).all()
+    conn.rollback()
+    return {name: sorted(options) if options else None for name, options in rows}
+
+
+@pytest.mark.postgresql
+def test_0007_vacuums_the_append_only_tables_every_100000_inserts(pg_empty_url: str) -> None:
+    """The log and the delivery records get autovacuum's insert threshold of their own
+    (100,000, no scale factor); the downgrade gives them the server's back."""
+    every = ["autovacuum_vacuum_insert_scale_factor=0", "autovacuum_vacuum_insert_threshold=100000"]
+    engine = create_engine(pg_empty_url)
+    try:
+        with engine.connect() as conn:
+            migrate.upgrade(conn, "0006")
+            assert _autovacuum_options(conn) == {
+                "herald_events": None,
+                "herald_deliveries": None,
+                "herald_log": None,
+            }
+            migrate.upgrade(conn)
+            assert _autovacuum_options(conn) == {
+                "herald_events": every,
+                "herald_deliveries": every,
+                "herald_log": None,
+            }
+            command.downgrade(migrate.alembic_config(conn), "0006")
+            conn.commit()
+            assert _autovacuum_options(conn) == {
+                "herald_events": None,
+                "herald_deliveries": None,
+                "herald_log": None,
+            }
+    finally:
+        engine.dispose()
