@@ -177,7 +177,7 @@ def test_0007_vacuums_the_append_only_tables_every_100000_inserts(pg_empty_url: 
                 "herald_deliveries": None,
                 "herald_log": None,
             }
-            migrate.upgrade(conn)
+            migrate.upgrade(conn, "0007")
             assert _autovacuum_options(conn) == {
                 "herald_events": every,
                 "herald_deliveries": every,
@@ -188,6 +188,31 @@ def test_0007_vacuums_the_append_only_tables_every_100000_inserts(pg_empty_url: 
             assert _autovacuum_options(conn) == {
                 "herald_events": None,
                 "herald_deliveries": None,
+                "herald_log": None,
+            }
+    finally:
+        engine.dispose()
+
+
+def test_0008_vacuums_the_order_every_100000_inserts_too(pg_empty_url: str) -> None:
+    """``herald_log`` (seq → position) gets the same insert threshold as the events; the
+    downgrade gives it the server's back and leaves 0007's tables as they were."""
+    every = ["autovacuum_vacuum_insert_scale_factor=0", "autovacuum_vacuum_insert_threshold=100000"]
+    engine = create_engine(pg_empty_url)
+    try:
+        with engine.connect() as conn:
+            migrate.upgrade(conn)
+            assert migrate.current_revision(conn) == "0008"
+            assert _autovacuum_options(conn) == {
+                "herald_events": every,
+                "herald_deliveries": every,
+                "herald_log": every,
+            }
+            command.downgrade(migrate.alembic_config(conn), "0007")
+            conn.commit()
+            assert _autovacuum_options(conn) == {
+                "herald_events": every,
+                "herald_deliveries": every,
                 "herald_log": None,
             }
     finally:
