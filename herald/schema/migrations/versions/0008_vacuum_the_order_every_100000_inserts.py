@@ -8,8 +8,8 @@ reader of the newest seqs is the first to look at their rows: each row's
 commit is looked up in the commit log and its hint bits set (a write to a
 page read), which a VACUUM would have done once for everyone.
 B7 in BENCHMARKS.md read the newest window of the big log at 0.71 of the
-small one, whose order autovacuum had just vacuumed; read again after a
-VACUUM of both, the two were level. With the same threshold as the events
+small one, whose order autovacuum had just vacuumed; read a second time,
+the two were level. With the same threshold as the events
 (100,000, no scale factor) the newest seqs are vacuumed every 100,000
 appends, whatever the log's size. An operator's own ``ALTER TABLE ... SET``
 stands; SQLite has no autovacuum and gets nothing.
