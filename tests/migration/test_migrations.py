@@ -163,11 +163,17 @@ def _autovacuum_options(conn: sa.Connection) -> dict[str, list[str] | None]:
     return {name: sorted(options) if options else None for name, options in rows}
 
 
+#: The reloptions migrations 0007 and 0008 give an append-only table.
+EVERY_100000 = [
+    "autovacuum_vacuum_insert_scale_factor=0",
+    "autovacuum_vacuum_insert_threshold=100000",
+]
+
+
 @pytest.mark.postgresql
 def test_0007_vacuums_the_append_only_tables_every_100000_inserts(pg_empty_url: str) -> None:
     """The log and the delivery records get autovacuum's insert threshold of their own
     (100,000, no scale factor); the downgrade gives them the server's back."""
-    every = ["autovacuum_vacuum_insert_scale_factor=0", "autovacuum_vacuum_insert_threshold=100000"]
     engine = create_engine(pg_empty_url)
     try:
         with engine.connect() as conn:
@@ -179,8 +185,8 @@ def test_0007_vacuums_the_append_only_tables_every_100000_inserts(pg_empty_url: 
             }
             migrate.upgrade(conn, "0007")
             assert _autovacuum_options(conn) == {
-                "herald_events": every,
-                "herald_deliveries": every,
+                "herald_events": EVERY_100000,
+                "herald_deliveries": EVERY_100000,
                 "herald_log": None,
             }
             command.downgrade(migrate.alembic_config(conn), "0006")
@@ -194,25 +200,25 @@ def test_0007_vacuums_the_append_only_tables_every_100000_inserts(pg_empty_url: 
         engine.dispose()
 
 
+@pytest.mark.postgresql
 def test_0008_vacuums_the_order_every_100000_inserts_too(pg_empty_url: str) -> None:
     """``herald_log`` (seq → position) gets the same insert threshold as the events; the
     downgrade gives it the server's back and leaves 0007's tables as they were."""
-    every = ["autovacuum_vacuum_insert_scale_factor=0", "autovacuum_vacuum_insert_threshold=100000"]
     engine = create_engine(pg_empty_url)
     try:
         with engine.connect() as conn:
-            migrate.upgrade(conn)
+            migrate.upgrade(conn, "0008")
             assert migrate.current_revision(conn) == "0008"
             assert _autovacuum_options(conn) == {
-                "herald_events": every,
-                "herald_deliveries": every,
-                "herald_log": every,
+                "herald_events": EVERY_100000,
+                "herald_deliveries": EVERY_100000,
+                "herald_log": EVERY_100000,
             }
             command.downgrade(migrate.alembic_config(conn), "0007")
             conn.commit()
             assert _autovacuum_options(conn) == {
-                "herald_events": every,
-                "herald_deliveries": every,
+                "herald_events": EVERY_100000,
+                "herald_deliveries": EVERY_100000,
                 "herald_log": None,
             }
     finally:
