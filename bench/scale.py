@@ -14,9 +14,9 @@ path, ``build_finished`` with zero to three ``dependent_ids``), build ids from
 event in ``--rare-every`` a ``build_cancelled`` (the rare topic),
 ``occurred_at`` 10 ms apart. Each chunk is given its seqs in log order, and
 after each the script does what autovacuum would have done by then (with the
-server's thresholds, or a table's own: every 100,000 inserts for the log,
-migration 0007); what a log's free space map holds, and so where the next
-appends go, depends on it. Then the sequencer's stored state is set to the
+server's thresholds, or a table's own: every 100,000 inserts for the log and
+its order, migrations 0007 and 0008); what a log's free space map holds, and
+so where the next appends go, depends on it. Then the sequencer's stored state is set to the
 snapshot after the fill (so that a sequencer finds nothing left to order: the
 script checks that it does).
 
@@ -174,7 +174,7 @@ def _autovacuum_bound(setting: str) -> str:
 
 
 #: What autovacuum would do now, with the server's thresholds (``pg_settings``) or the
-#: table's own where it sets them (migration 0007 does for the log and the records).
+#: table's own where it sets them (migrations 0007 and 0008 do for the log and its order).
 AUTOVACUUM_DUE: Final = f"""
 SELECT s.relname,
        s.n_dead_tup > {_autovacuum_bound("vacuum")}
@@ -243,8 +243,9 @@ def fill(dsn: str, count: int, chunk: int, rare: int) -> tuple[float, list[str]]
 
     After each chunk, what autovacuum would do by then (:func:`autovacuum`): a log is
     not vacuumed once when it holds millions of events, but every so many inserts (for
-    ``herald_events`` every 100,000: migration 0007), and what the free space map holds
-    of a log (the room later appends go to first) depends on it."""
+    ``herald_events`` and ``herald_log`` every 100,000: migrations 0007 and 0008), and
+    what the free space map holds of a log (the room later appends go to first) depends
+    on it."""
     started = time.perf_counter()
     maintenance: list[str] = []
     with psycopg.connect(dsn) as conn:
