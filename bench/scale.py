@@ -20,28 +20,38 @@ so where the next appends go, depends on it. Then the sequencer's stored state i
 snapshot after the fill (so that a sequencer finds nothing left to order: the
 script checks that it does).
 
-Then ``--rounds`` rounds (the two logs alternating, mirrored: small big, big
-small, ...) measure the same things on each log:
+Then ``--rounds`` rounds. Each has a turn on each log (the two logs
+alternating, mirrored: small big, big small, ...) for what changes the log,
+then measures what can be measured on both logs side by side:
 
-* **read** (what a consumer does): :func:`herald.outbox.read_page`, pages of
-  ``--page`` each bounded by the head (as a reader's are), through ``--window``
-  seqs from ``--window`` before the head and from the start of the log (an old
-  offset), with no topic filter, with ``build_finished`` (one event in nine)
-  and with the rare topic; the rate is seqs of log gone through per second;
-* **daemon**: a :class:`herald.consumers.Daemon` (as ``herald run`` runs it) with a
+* **read** (what a consumer does; side by side): :func:`herald.outbox.read_page`,
+  pages of ``--page`` each bounded by the head (as a reader's are), through
+  ``--window`` seqs from ``--window`` before the head and from the start of the
+  log (an old offset), with no topic filter, with ``build_finished`` (one
+  event in nine) and with the rare topic; the rate is seqs of log gone
+  through per second. Each window is read ``--read-trials`` times on each
+  log, the logs alternating (mirrored), and the round's figure is the median
+  of a log's reads (the first read's rate is in the notes);
+* **daemon** (in the turn): a :class:`herald.consumers.Daemon` (as ``herald run`` runs it) with a
   consumer whose handler does nothing, ``topics=["*"]``, at_least_once, its offset
   set ``--window`` seqs before the head and at the start of the log; timed
   from ``start()`` until :func:`herald.consumers.wait_for` sees the window's
   last seq finished (start-up included, as in B3);
-* **append** as B1 does it (:mod:`bench.append_throughput`'s ``herald
+* **append** (in the turn) as B1 does it (:mod:`bench.append_throughput`'s ``herald
   (psycopg)`` writer processes: ``UPDATE bench_builds`` + one
   ``build_finished`` through :func:`herald.outbox.append` on a psycopg
   connection, committed), ``--writers`` writers, ``--seconds`` after
-  ``--warmup``: first with no sequencer; then the backlog those left is
-  ordered by :meth:`herald.outbox.Sequencer.cycle` (the sequencer's ordering
-  rate, events/s); then again with the sequencer running
+  ``--warmup``: first with no sequencer (the backlog they leave is then
+  ordered, untimed); then again with the sequencer running
   (:func:`herald.outbox.run_sequencer`, what ``herald run`` runs, in a thread of
-  this process) ordering as the writers commit.
+  this process) ordering as the writers commit;
+* **ordering** (side by side, after the reads):
+  the writers append to each log with no sequencer as above, leaving a
+  backlog in each; then ``--ordering-trials`` calls of
+  ``herald_sequence_v1()`` (what a sequencer cycle runs) order each backlog,
+  each call rolled back, the logs alternating (mirrored); the rate is the
+  backlog's events over the median call (events/s). Then a sequencer orders
+  the backlogs for real (it must order as many as every call did).
 
 This server may run without autovacuum; between turns the script does what
 autovacuum would have done by then (``VACUUM`` / ``ANALYZE`` of the tables past
@@ -65,10 +75,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 import sqlalchemy as sa
@@ -91,6 +102,7 @@ from herald.config import create_engine
 from herald.consumers import Consumer, Daemon, wait_for
 from herald.consumers import store as consumer_store
 from herald.outbox import LogEntry, Sequencer, TopicFilter, head, read_page, run_sequencer
+from herald.schema.queries import QUERIES
 
 BEGIN_MARK, END_MARK = markers("bench.scale")
 TARGET: Final = 1.25
@@ -363,7 +375,20 @@ class Figures:
 
     @property
     def names(self) -> list[str]:
-        return list(dict.fromkeys(name for name, _ in self.rates))
+        """The measurements in the table's order: reads, the daemon, then per writer
+        count the appends with no sequencer, the ordering of their backlog, and the
+        appends with the sequencer running."""
+        return sorted(dict.fromkeys(name for name, _ in self.rates), key=_table_place)
+
+
+def _table_place(name: str) -> tuple[int, int, int]:
+    if name.startswith("read_page"):
+        return (0, 0, 0)
+    if name.startswith("daemon"):
+        return (1, 0, 0)
+    writers = int(name.split(" writer", maxsplit=1)[0].rsplit(" ", 1)[-1])
+    kind = 1 if name.startswith("sequencer ordering") else 2 if "running" in name else 0
+    return (2, writers, kind)
 
 
 def read_window(engine: sa.Engine, after: int, window: int, page: int, topics: TopicFilter) -> Run:
@@ -399,21 +424,43 @@ class Run:
         return self.seqs / self.seconds
 
 
-def measure_reads(scale: Log, figures: Figures, args: argparse.Namespace) -> None:
-    with scale.engine.connect() as conn:
-        top = head(conn)
-        conn.rollback()
-    starts = {"newest": max(0, top - args.window), "start of the log": 0}
-    for where, after in starts.items():
+def measure_reads(order: Sequence[Log], figures: Figures, args: argparse.Namespace) -> None:
+    """Every read on both logs side by side, ``--read-trials`` times each, the logs
+    alternating (mirrored); a round's figure is the median of a log's reads.
+
+    A read changes nothing, so both logs can be read in the same moments: a
+    window of 100,000 seqs takes 30 ms to 2 s to read, and one read a turn
+    measured whichever log's turn the machine was slow in.
+    """
+    starts: dict[str, dict[str, int]] = {"newest": {}, "start of the log": {}}
+    for scale in order:
+        with scale.engine.connect() as conn:
+            starts["newest"][scale.label] = max(0, head(conn) - args.window)
+            conn.rollback()
+        starts["start of the log"][scale.label] = 0
+    for where, afters in starts.items():
         for label, topics in FILTERS.items():
-            run = read_window(scale.engine, after, args.window, args.page, TopicFilter(topics))
-            figures.add(
-                f"read_page, {where}, {label}",
-                scale,
-                run.rate,
-                "seqs/s",
-                f"{run.entries:,} entries in {run.pages} pages",
-            )
+            runs: dict[str, list[Run]] = {scale.label: [] for scale in order}
+            for trial in range(args.read_trials):
+                for scale in order if trial % 2 == 0 else reversed(order):
+                    run = read_window(
+                        scale.engine,
+                        afters[scale.label],
+                        args.window,
+                        args.page,
+                        TopicFilter(topics),
+                    )
+                    runs[scale.label].append(run)
+            for scale in order:
+                found = runs[scale.label]
+                figures.add(
+                    f"read_page, {where}, {label}",
+                    scale,
+                    _median([run.rate for run in found]),
+                    "seqs/s",
+                    f"{found[0].entries:,} entries in {found[0].pages} pages; the first read "
+                    f"{found[0].rate:,.0f} seqs/s",
+                )
 
 
 def _noop(_entry: LogEntry) -> None:
@@ -447,33 +494,23 @@ def _segment(pool: WriterPool, writers: int, args: argparse.Namespace, number: i
     return sum(r.transactions for r in results) / seconds
 
 
+def _order_all(scale: Log) -> int:
+    """Order what has committed (one sequencer, cycles until nothing is left); how many."""
+    ordered = 0
+    with scale.engine.connect() as conn:
+        sequencer = Sequencer()
+        while found := sequencer.cycle(conn):
+            ordered += found
+    return ordered
+
+
 def measure_appends(scale: Log, figures: Figures, args: argparse.Namespace, number: int) -> None:
-    if scale.pool is None:
-        scale.pool = WriterPool("process", max(args.writers), scale.dsn, scale.text_url, BUILD_ROWS)
-    pool = scale.pool
+    pool = _pool(scale, args)
     for writers in args.writers:
         who = f"{writers} writer{'s' if writers > 1 else ''}"
         rate = _segment(pool, writers, args, number)
         figures.add(f"append, {who}, no sequencer", scale, rate, "tx/s")
-
-        # The backlog those left: one sequencer catches up (one cycle orders it all).
-        with scale.engine.connect() as conn:
-            before = head(conn)
-            conn.rollback()
-            sequencer = Sequencer()
-            started = time.perf_counter()
-            ordered = 0
-            while found := sequencer.cycle(conn):
-                ordered += found
-            seconds = time.perf_counter() - started
-        if ordered:
-            figures.add(
-                f"sequencer ordering the backlog of {who}",
-                scale,
-                ordered / seconds,
-                "events/s",
-                f"{ordered:,} events after seq {before:,} in {1000 * seconds:.0f} ms",
-            )
+        _order_all(scale)  # the backlog those left (its ordering: measure_ordering)
 
         stop, active = threading.Event(), threading.Event()
         running = Sequencer()
@@ -501,8 +538,72 @@ def measure_appends(scale: Log, figures: Figures, args: argparse.Namespace, numb
             "tx/s",
             f"{running.stats.sequenced:,} events ordered in {running.stats.cycles:,} cycles",
         )
-        with scale.engine.connect() as conn:
-            Sequencer().cycle(conn)  # what committed after the sequencer stopped
+        _order_all(scale)  # what committed after the sequencer stopped
+
+
+def _pool(scale: Log, args: argparse.Namespace) -> WriterPool:
+    if scale.pool is None:
+        scale.pool = WriterPool("process", max(args.writers), scale.dsn, scale.text_url, BUILD_ROWS)
+    return scale.pool
+
+
+def _ordering_trial(conn: psycopg.Connection[Any]) -> tuple[int, float]:
+    """One call of the sequencer's function, rolled back: (events it ordered, seconds)."""
+    started = time.perf_counter()
+    row = conn.execute(QUERIES["sequence"]).fetchone()
+    seconds = time.perf_counter() - started
+    conn.rollback()
+    assert row is not None
+    return int(row[0]), seconds
+
+
+def measure_ordering(
+    order: Sequence[Log], figures: Figures, args: argparse.Namespace, number: int
+) -> None:
+    """The sequencer ordering a backlog, on both logs side by side (after a round's turns).
+
+    For each writer count, the writers append to each log with no sequencer
+    (``--seconds``, as in the append turn), leaving a backlog in both. Then
+    ``--ordering-trials`` calls of ``herald_sequence_v1()`` (what a cycle
+    runs), each rolled back, so each orders the same backlog again, the logs
+    alternating (mirrored: small big big small ...): a drift of the machine
+    during the round falls on both logs alike, where one cycle a turn measured
+    whichever log's turn ran while the machine was slow. A round's figure is
+    the median of a log's trials. Then one sequencer orders the backlogs for real,
+    and what autovacuum would do next is done (the rolled-back trials leave
+    dead rows in the log's order).
+    """
+    for writers in args.writers:
+        who = f"{writers} writer{'s' if writers > 1 else ''}"
+        for scale in order:
+            _segment(_pool(scale, args), writers, args, number)
+        trials: dict[str, list[tuple[int, float]]] = {scale.label: [] for scale in order}
+        # One session a log, as the sequencer's own: the function is compiled and its
+        # statements planned once, on the first call, in both logs alike.
+        with ExitStack() as stack:
+            sessions = {s.label: stack.enter_context(psycopg.connect(s.dsn)) for s in order}
+            for trial in range(args.ordering_trials):
+                for scale in order if trial % 2 == 0 else reversed(order):
+                    trials[scale.label].append(_ordering_trial(sessions[scale.label]))
+        for scale in order:
+            found = trials[scale.label]
+            sizes = {count for count, _ in found}
+            if len(sizes) != 1 or not found[0][0]:
+                raise SystemExit(f"{scale.database}: the trials ordered {sorted(sizes)} events")
+            ordered = found[0][0]
+            seconds = [s for _, s in found]
+            committed = _order_all(scale)
+            if committed != ordered:
+                raise SystemExit(f"{scale.database}: {committed} ordered, not {ordered}")
+            figures.add(
+                f"sequencer ordering the backlog of {who}",
+                scale,
+                ordered / _median(seconds),
+                "events/s",
+                f"{ordered:,} events in {1000 * min(seconds):.0f}–{1000 * max(seconds):.0f} ms",
+            )
+    for scale in order:
+        scale.maintenance += autovacuum(scale.dsn)
 
 
 # -- the report --------------------------------------------------------------------------
@@ -550,6 +651,17 @@ def size_rows(small: Log, big: Log) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def notes_list(figures: Figures, small: Log, big: Log) -> str:
+    """What each measurement noted (cycle sizes, first reads), by log, round by round."""
+    lines = [
+        f"- {name}, {scale.label} log: " + "; ".join(notes)
+        for name in figures.names
+        for scale in (small, big)
+        if (notes := figures.notes.get((name, scale.label)))
+    ]
+    return "\n".join(lines) or "- none"
 
 
 def _maintenance(done_list: list[str]) -> str:
@@ -626,8 +738,8 @@ the start: {m.other_sessions}; load average (1 min) {m.load[0]:.2f} at the start
 
 **Reproduce.** `make bench`, or `.venv/bin/python -m bench.scale --small {args.small}
 --big {args.big} --rounds {args.rounds} --window {args.window} --seconds {args.seconds:g}
---writers {writers}` (`--chunk`, `--page`, `--warmup`, `--rare-every`, `--no-daemon`, `--admin`,
-`--database`, `--help`).
+--writers {writers}` (`--chunk`, `--page`, `--warmup`, `--read-trials`, `--ordering-trials`,
+`--rare-every`, `--no-daemon`, `--admin`, `--database`, `--help`).
 
 **The logs.** Filled by `INSERT ... SELECT generate_series`, {args.chunk:,} events a
 transaction, each ordered, and after each what autovacuum would have done by then
@@ -644,28 +756,50 @@ its thresholds, or a table's own):
 gigabytes of dirty buffers and WAL behind, and a checkpoint writing them out during the big
 log's turns would be counted as the big log's cost.
 
-**What is measured**, {args.rounds} rounds, the logs alternating (mirrored), the same way on
-each:
+**What is measured**, {args.rounds} rounds, each with a turn on each log (the logs
+alternating, mirrored) for what changes the log, then what both logs can be measured at
+side by side:
 
-- *read_page*: `herald.outbox.read_page` page by page ({args.page:,} a page, each bounded by
-  the head as a reader's is) through {args.window:,} seqs from {args.window:,} before the
-  head and from the start of the log, with no topic filter (what `LogReader` sends), with
-  `build_finished` (one event in nine of the fill) and with the rare topic (a filtered page
-  spans at most 10,000 seqs); seqs of log gone through per second;
-- *daemon*: `herald.consumers.Daemon` with one no-op consumer (`topics=["*"]`, at_least_once,
-  batch 500, a delivery record per event) from an offset {args.window:,} before the head and
-  from the start, until `wait_for` sees the {args.window:,}th seq finished; start-up included;
-- *append*: B1's `herald (psycopg)` writer processes (`UPDATE bench_builds` + one
-  `build_finished` by `herald.outbox.append` on a psycopg connection, committed),
-  {args.seconds:g} s after {args.warmup:g} s of warm-up: with no sequencer; then one
-  `Sequencer().cycle()` orders the backlog they left (its rate); then again while
-  `run_sequencer` (what `herald run` runs) orders the events as they commit.
+- *read_page* (side by side, after both logs' turns of the round and a `CHECKPOINT` of each):
+  `herald.outbox.read_page` page by page ({args.page:,} a page, each bounded by the head as a
+  reader's is) through {args.window:,} seqs from {args.window:,} before the head and from the
+  start of the log, with no topic filter (what `LogReader` sends), with `build_finished` (one
+  event in nine of the fill) and with the rare topic (a filtered page spans at most 10,000
+  seqs); seqs of log gone through per second. Each window is read {args.read_trials} times on
+  each log, the logs alternating (small big big small ...), and a round's figure is the
+  median of a log's reads: a window takes 30 ms to 2 s to read, and a read a turn measured
+  whichever log's turn the machine was slow in. The first read of each (the newest rows read
+  cold) is in the notes below the table;
+- *daemon* (in each log's turn): `herald.consumers.Daemon` with one no-op consumer
+  (`topics=["*"]`, at_least_once, batch 500, a delivery record per event) from an offset
+  {args.window:,} before the head and from the start, until `wait_for` sees the
+  {args.window:,}th seq finished; start-up included;
+- *append* (in each log's turn): B1's `herald (psycopg)` writer processes
+  (`UPDATE bench_builds` + one `build_finished` by `herald.outbox.append` on a psycopg
+  connection, committed),
+  {args.seconds:g} s after {args.warmup:g} s of warm-up: with no sequencer (the backlog
+  they leave is ordered, untimed); then again while `run_sequencer` (what `herald run`
+  runs) orders the events as they commit;
+- *sequencer ordering*: after both logs' turns of a round, the same writers append to each
+  log for {args.seconds:g} s with no sequencer, leaving a backlog in both; then
+  {args.ordering_trials} calls of `herald_sequence_v1()` (what a sequencer cycle runs, on one
+  session a log) order each backlog, each call rolled back, the logs alternating (small big
+  big small ...), so that a drift of the machine falls on both logs alike (one cycle a turn
+  measured whichever log's turn the machine was slow in); the first call of each reads the
+  backlog's rows cold, the others warm. A round's rate is the backlog's events over the
+  median call; then a sequencer orders both backlogs for real (as many events as each call
+  ordered, or the run stops), and what autovacuum would do next is done (the calls leave
+  dead rows in `herald_log`).
 
 Each cell: the median of the rounds (min–max); the target is big / small ≥ {1 / TARGET:.2f}.
 
 {md_table(RESULT_HEADER, rows)}
 
 Result: {verdict}.
+
+Notes, a log's rounds in the order run:
+
+{notes_list(report.figures, small, big)}
 
 Sizes at the end of the run (`pg_relation_size` of the heap and of each index):
 
@@ -716,6 +850,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=5.0, help="Seconds per append run.")
     parser.add_argument("--warmup", type=float, default=0.5, help="Warm-up per append run.")
     parser.add_argument(
+        "--read-trials",
+        type=int,
+        default=3,
+        help="Reads of each window per log and round, the logs alternating.",
+    )
+    parser.add_argument(
+        "--ordering-trials",
+        type=int,
+        default=5,
+        help="Rolled-back sequencer calls per log and writer count, the logs alternating.",
+    )
+    parser.add_argument(
         "--rare-every", type=int, default=10_000, help="One event in N has the rare topic."
     )
     parser.add_argument(
@@ -731,8 +877,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add_server_options(parser, "herald_bench_scale")
     args = parser.parse_args(argv)
-    if min(args.small, args.big, args.chunk, args.rounds, args.page, args.rare_every) < 1:
-        parser.error("sizes, --chunk, --rounds, --page and --rare-every must be at least 1")
+    if (
+        min(args.small, args.big, args.chunk, args.rounds, args.page, args.rare_every) < 1
+        or min(args.read_trials, args.ordering_trials) < 1
+    ):
+        parser.error(
+            "sizes, --chunk, --rounds, --page, --rare-every, --read-trials and "
+            "--ordering-trials must be at least 1"
+        )
     if args.window > args.small:
         parser.error("--window must not be larger than --small")
     if args.seconds <= 0 or args.warmup < 0 or min(args.writers) < 1:
@@ -755,7 +907,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = server_settings(big.dsn)
         figures = Figures()
         steps: list[Callable[[Log, int], None]] = [
-            lambda s, _n: measure_reads(s, figures, args),
             *([lambda s, n: measure_daemon(s, figures, args, n)] if args.daemon else []),
             lambda s, n: measure_appends(s, figures, args, n),
         ]
@@ -767,6 +918,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for step in steps:
                     step(scale, number)
                 scale.maintenance += autovacuum(scale.dsn)
+            for scale in order:
+                checkpoint(scale)
+            measure_reads(order, figures, args)
+            measure_ordering(order, figures, args, number)
         for scale in logs:
             measure_sizes(scale)
         final = {s.label: counts(s) for s in logs}
