@@ -23,6 +23,7 @@ from herald.consumers import Delivered, DeliveryFailed, store
 from herald.errors import LostClaim
 from herald.outbox import LogEntry
 from herald.schema import deliveries
+from tests.integration.helpers import claimed
 from tests.integration.test_consumers import (
     consumer,
     daemon,
@@ -35,18 +36,9 @@ from tests.integration.test_consumers import (
 )
 
 
-def _owned(engine: sa.Engine, name: str) -> int:
-    with engine.begin() as conn:
-        store.ensure_consumer(conn, name)
-        store.set_owner(conn, name, "me", 30)
-        row = store.consumer_row(conn, name)
-    assert row is not None
-    return row.epoch
-
-
 def test_records_read_back_as_written_in_attempt_order(engine: sa.Engine) -> None:
     seqs = emit(engine, [tick(1, n) for n in range(3)])
-    epoch = _owned(engine, "auditor")
+    epoch = claimed(engine, "auditor")
     started = datetime(2026, 12, 5, 7, 30, 0, 123456, tzinfo=UTC)
     written = [
         store.Record(seqs[0], 1, "failed", started, 12.5, 'HTTP 502: "bad gateway" \\ retry',
@@ -79,7 +71,7 @@ def test_a_commit_that_lost_its_claim_writes_no_record_and_moves_nothing(
     engine: sa.Engine,
 ) -> None:
     seqs = emit(engine, [tick(2, n) for n in range(2)])
-    epoch = _owned(engine, "fenced")
+    epoch = claimed(engine, "fenced")
     record = store.Record(seqs[0], 1, "delivered", store.now(), 1.0)
     with engine.connect() as conn, pytest.raises(LostClaim):
         store.commit_batch(conn, "fenced", "thief", epoch, 0, seqs[1], [record, record])
@@ -93,7 +85,7 @@ def test_a_commit_that_lost_its_claim_writes_no_record_and_moves_nothing(
 
 def test_a_commit_of_thousands_of_records_keeps_their_order(engine: sa.Engine) -> None:
     seqs = emit(engine, [tick(3, 0)])
-    epoch = _owned(engine, "bulk")
+    epoch = claimed(engine, "bulk")
     at = store.now()
     many = [store.Record(seqs[0], n, "failed", at, 1.0, f"attempt {n}") for n in range(1, 5001)]
     with engine.connect() as conn:

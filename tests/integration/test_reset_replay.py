@@ -22,6 +22,7 @@ from herald.consumers.replay import replay
 from herald.errors import LostClaim
 from herald.outbox import LogEntry
 from herald.schema import deliveries, parked
+from tests.integration.helpers import claimed
 from tests.integration.test_consumers import (
     Recorder,
     consumer,
@@ -74,12 +75,7 @@ def test_a_reset_forward_skips_and_a_commit_of_the_old_epoch_keeps_its_records(
     engine: sa.Engine,
 ) -> None:
     seqs = emit(engine, [tick(1, n) for n in range(10)])
-    with engine.begin() as conn:
-        store.ensure_consumer(conn, "skipper")
-        store.set_owner(conn, "skipper", "me", 30)
-        row = store.consumer_row(conn, "skipper")
-        assert row is not None
-    epoch = row.epoch
+    epoch = claimed(engine, "skipper")
     with engine.begin() as conn:
         store.reset_offset(conn, "skipper", seqs[5])
     record = store.Record(seqs[0], 1, "delivered", store.now(), 1.0)
