@@ -16,9 +16,9 @@ event in ``--rare-every`` a ``build_cancelled`` (the rare topic),
 after each the script does what autovacuum would have done by then (with the
 server's thresholds, or a table's own: every 100,000 inserts for the log and
 its order, migrations 0007 and 0008); what a log's free space map holds, and
-so where the next appends go, depends on it. Then the sequencer's stored state is set to the
-snapshot after the fill (so that a sequencer finds nothing left to order: the
-script checks that it does).
+so where the next appends go, depends on it. Then the sequencer's stored state
+is set to the snapshot after the fill (so that a sequencer finds nothing left
+to order: the script checks that it does).
 
 Then ``--rounds`` rounds. Each has a turn on each log (the two logs
 alternating, mirrored: small big, big small, ...) for what changes the log,
@@ -757,7 +757,7 @@ gigabytes of dirty buffers and WAL behind, and a checkpoint writing them out dur
 log's turns would be counted as the big log's cost.
 
 **What is measured**, {args.rounds} rounds, each with a turn on each log (the logs
-alternating, mirrored) for what changes the log, then what both logs can be measured at
+alternating, mirrored) for what changes the log, then what can be measured on both logs
 side by side:
 
 - *read_page* (side by side, after both logs' turns of the round and a `CHECKPOINT` of each):
@@ -776,10 +776,9 @@ side by side:
   {args.window:,}th seq finished; start-up included;
 - *append* (in each log's turn): B1's `herald (psycopg)` writer processes
   (`UPDATE bench_builds` + one `build_finished` by `herald.outbox.append` on a psycopg
-  connection, committed),
-  {args.seconds:g} s after {args.warmup:g} s of warm-up: with no sequencer (the backlog
-  they leave is ordered, untimed); then again while `run_sequencer` (what `herald run`
-  runs) orders the events as they commit;
+  connection, committed), {args.seconds:g} s after {args.warmup:g} s of warm-up: with no
+  sequencer (the backlog they leave is ordered, untimed); then again while `run_sequencer`
+  (what `herald run` runs) orders the events as they commit;
 - *sequencer ordering*: after both logs' turns of a round, the same writers append to each
   log for {args.seconds:g} s with no sequencer, leaving a backlog in both; then
   {args.ordering_trials} calls of `herald_sequence_v1()` (what a sequencer cycle runs, on one
