@@ -323,7 +323,8 @@ def _fence(conn: sa.Connection, name: str, token: str, epoch: int, old: int, new
         # pipeline mode the transaction's BEGIN goes with it, one round trip for
         # both instead of two.
         driver: Any = conn.connection.driver_connection
-        with driver.pipeline(), driver.cursor() as cursor:
+        # translated(conn): a session lost mid-pipeline is dropped by the pool, not reset.
+        with translated(conn), driver.pipeline(), driver.cursor() as cursor:
             cursor.execute(QUERIES["consumer_fence"], (new, now(), name, token, epoch, old))
         rowcount = cursor.rowcount
     else:

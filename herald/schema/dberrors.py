@@ -15,6 +15,7 @@ from typing import Any, Final
 import psycopg
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
+from psycopg.pq import PipelineStatus
 
 from herald.errors import (
     AppendOnlyViolation,
@@ -90,8 +91,14 @@ def translated(conn: sa.Connection | None = None) -> Iterator[None]:
 
 
 def _invalidate_if_lost(conn: sa.Connection, exc: psycopg.Error) -> None:
+    """Invalidate ``conn`` if its driver connection cannot be handed back to the pool:
+    lost, or still in pipeline mode (a server that killed the session while a
+    pipeline waited for its results can leave it so before psycopg notices the
+    loss, and the pool's ROLLBACK is refused in pipeline mode)."""
     if conn.invalidated or conn.closed:
         return
     driver: Any = conn.connection.driver_connection
-    if driver is not None and (driver.broken or driver.closed):
+    if driver is None:
+        return
+    if driver.broken or driver.closed or driver.pgconn.pipeline_status != PipelineStatus.OFF:
         conn.invalidate(exc)

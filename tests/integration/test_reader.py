@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -20,6 +21,7 @@ from herald.outbox import (
 )
 from herald.outbox.reader import MAX_SEQ
 from herald.schema import events, log_order
+from herald.schema.dberrors import translated
 from tests.integration.helpers import read_all
 
 TOPICS = ["build_started", "build_finished", "step_started", "acme.deploy", "acme.cache.pushed"]
@@ -322,3 +324,26 @@ def test_a_read_on_a_killed_connection_fails_cleanly_and_the_pool_drops_it(
     # The pool hands out a working connection afterwards.
     with pg_engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM herald_events").scalar_one() == 1
+
+
+def test_a_connection_left_in_pipeline_mode_by_a_failure_is_dropped_not_reset(
+    pg_engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection the server kills while a pipeline (a look, a fence) waits for its
+    results may fail to leave pipeline mode before psycopg marks it broken. The pool
+    could not roll it back (no plain query in pipeline mode) and would log a
+    traceback: it is invalidated instead, and dropped."""
+    caplog.set_level(logging.ERROR, logger="sqlalchemy.pool")
+    with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        with pytest.raises(TransientDatabaseError), translated(conn):
+            pipeline = driver.pipeline()  # kept: dropped, it would leave pipeline mode
+            pipeline.__enter__()
+            driver.execute("SELECT 1")  # sent; its result still to be read
+            raise psycopg.OperationalError("cannot exit pipeline mode while busy")
+        assert not driver.broken, "the case is a connection psycopg does not know is lost"
+        assert conn.invalidated
+    assert not [r for r in caplog.records if r.name.startswith("sqlalchemy.pool")]
+    with pg_engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar_one() == 1
