@@ -63,8 +63,11 @@ of the fill or of the other log's turn.
 Each figure is the median of the rounds, with the spread (min–max); the ratio
 is big / small; the target is within 1.25×: the big log's rate at least
 1 / 1.25 = 0.8 of the small one's. It also reports the tables' and indexes'
-sizes, and writes its section of ``BENCHMARKS.md`` (between the ``bench.scale``
-markers).
+sizes, and where the rows of each log's newest ``--window`` seqs lie in
+``herald_events``'s heap at the end (how many pages a read of them reads, and how
+many of the rows went to pages the fill had written: the free space map sends an
+append to any page with room for it), and writes its section of ``BENCHMARKS.md``
+(between the ``bench.scale`` markers).
 """
 
 from __future__ import annotations
@@ -214,6 +217,18 @@ def log(line: str) -> None:
 # -- the logs --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where the rows of a log's newest seqs lie in ``herald_events``'s heap."""
+
+    rows: int
+    pages: int
+    #: of the rows, those on pages the fill had written (None: the log was reused)
+    on_fill_pages: int | None
+    first_page: int
+    last_page: int
+
+
 @dataclass(slots=True)
 class Log:
     """One scratch database and what the run keeps open on it."""
@@ -231,6 +246,10 @@ class Log:
     maintenance: list[str] = field(default_factory=list)
     #: what it did for autovacuum during the fill
     fill_maintenance: list[str] = field(default_factory=list)
+    #: heap pages of ``herald_events`` after the fill (None: the log was reused)
+    fill_pages: int | None = None
+    #: where the newest window's rows lie at the end (:func:`measure_placement`)
+    placement: Placement | None = None
 
     def __post_init__(self) -> None:
         self.engine = create_engine(self.text_url)
@@ -305,6 +324,10 @@ def prepare(args: argparse.Namespace, label: str, count: int) -> Log:
     log(f"{name}: filled in {seconds:.1f} s")
     scale = Log(label, name, url, count, seconds)
     scale.fill_maintenance = maintenance
+    with psycopg.connect(scale.dsn) as conn:
+        row = conn.execute(HEAP_PAGES).fetchone()
+        assert row is not None
+        scale.fill_pages = int(row[0])
     with scale.engine.connect() as conn:
         found = Sequencer().cycle(conn)
         if found:
@@ -340,6 +363,47 @@ def measure_sizes(scale: Log) -> None:
             (table, part, int(size), int(total))
             for table, part, size, total in conn.execute(SIZES).fetchall()
         ]
+
+
+#: Heap pages of ``herald_events``.
+HEAP_PAGES: Final = "SELECT pg_relation_size('herald_events') / current_setting('block_size')::int"
+#: The heap pages the rows of the newest %(window)s seqs lie on (a ctid is (page, item)).
+PLACEMENT: Final = """
+SELECT count(*), count(DISTINCT p.page),
+       count(*) FILTER (WHERE p.page < %(fill_pages)s), min(p.page), max(p.page)
+FROM (SELECT (e.ctid::text::point)[0]::bigint AS page
+      FROM herald_log AS l JOIN herald_events AS e ON e.position = l.position
+      WHERE l.seq > (SELECT max(seq) FROM herald_log) - %(window)s) AS p
+"""
+
+
+def measure_placement(scale: Log, window: int) -> None:
+    """Where the newest ``window`` seqs' rows lie: a read of them reads these pages."""
+    with psycopg.connect(scale.dsn) as conn:
+        row = conn.execute(
+            PLACEMENT, {"window": window, "fill_pages": scale.fill_pages or 0}
+        ).fetchone()
+    assert row is not None
+    rows, pages, on_fill, first, last = (int(v or 0) for v in row)
+    scale.placement = Placement(
+        rows, pages, on_fill if scale.fill_pages is not None else None, first, last
+    )
+
+
+def placement_text(scale: Log, window: int) -> str:
+    where = scale.placement
+    if where is None:
+        return f"{scale.label} log: not measured"
+    fill = (
+        f"{where.on_fill_pages:,} of them on the {scale.fill_pages:,} pages the fill wrote"
+        if where.on_fill_pages is not None and scale.fill_pages is not None
+        else "the fill's pages unknown (the log was reused)"
+    )
+    return (
+        f"{scale.label} log: the newest {window:,} seqs' {where.rows:,} rows on "
+        f"{where.pages:,} heap pages ({where.rows / max(where.pages, 1):.1f} rows a page; "
+        f"pages {where.first_page:,}–{where.last_page:,}), {fill}"
+    )
 
 
 def counts(scale: Log) -> tuple[int, int, int]:
@@ -804,6 +868,12 @@ Sizes at the end of the run (`pg_relation_size` of the heap and of each index):
 
 {md_table(SIZE_HEADER, size_rows(small, big))}
 
+Where the newest window lies at the end (the heap pages of `herald_events` that a read of the
+newest {args.window:,} seqs reads; `ctid`):
+
+- {placement_text(small, args.window)};
+- {placement_text(big, args.window)}.
+
 {END_MARK}
 """
 
@@ -822,6 +892,9 @@ def print_report(report: Report) -> None:
             [[c.replace("`", "") for c in row] for row in size_rows(report.small, report.big)],
         )
     )
+    print()
+    for scale in (report.small, report.big):
+        print(placement_text(scale, report.args.window))
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -923,6 +996,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             measure_ordering(order, figures, args, number)
         for scale in logs:
             measure_sizes(scale)
+            measure_placement(scale, args.window)
         final = {s.label: counts(s) for s in logs}
         for label, (events, ordered, top) in final.items():
             if not events == ordered == top:
