@@ -223,8 +223,8 @@ class Placement:
 
     rows: int
     pages: int
-    #: of the rows, those on pages the fill had written (None: the log was reused)
-    on_fill_pages: int | None
+    #: of the rows, those on pages the fill had written (0 if the log was reused)
+    on_fill_pages: int
     first_page: int
     last_page: int
 
@@ -384,10 +384,7 @@ def measure_placement(scale: Log, window: int) -> None:
             PLACEMENT, {"window": window, "fill_pages": scale.fill_pages or 0}
         ).fetchone()
     assert row is not None
-    rows, pages, on_fill, first, last = (int(v or 0) for v in row)
-    scale.placement = Placement(
-        rows, pages, on_fill if scale.fill_pages is not None else None, first, last
-    )
+    scale.placement = Placement(*(int(v or 0) for v in row))
 
 
 def placement_text(scale: Log, window: int) -> str:
@@ -395,9 +392,9 @@ def placement_text(scale: Log, window: int) -> str:
     if where is None:
         return f"{scale.label} log: not measured"
     fill = (
-        f"{where.on_fill_pages:,} of them on the {scale.fill_pages:,} pages the fill wrote"
-        if where.on_fill_pages is not None and scale.fill_pages is not None
-        else "the fill's pages unknown (the log was reused)"
+        "the fill's pages unknown (the log was reused)"
+        if scale.fill_pages is None
+        else f"{where.on_fill_pages:,} of them on the {scale.fill_pages:,} pages the fill wrote"
     )
     return (
         f"{scale.label} log: the newest {window:,} seqs' {where.rows:,} rows on "
