@@ -55,6 +55,7 @@ bench: $(BENCH_STAMP) postgres
 	$(BIN)/python -m bench.replay
 	$(BIN)/python -m bench.bulk
 	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.free_space
 	$(BIN)/python -m bench.plot
 
 clean:

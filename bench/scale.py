@@ -897,6 +897,27 @@ def print_report(report: Report) -> None:
 # -- main ----------------------------------------------------------------------------------
 
 
+def add_fill_options(parser: argparse.ArgumentParser) -> None:
+    """How the scratch logs are filled (:func:`prepare` reads these) and whether kept."""
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=50_000,
+        help="Events per fill transaction (after each, what autovacuum would do).",
+    )
+    parser.add_argument(
+        "--rare-every", type=int, default=10_000, help="One event in N has the rare topic."
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="Use the scratch databases as they are if they hold enough events (no refill).",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="Leave the scratch databases (to investigate)."
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.scale",
@@ -904,12 +925,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--small", type=int, default=100_000, help="Events in the small log.")
     parser.add_argument("--big", type=int, default=10_000_000, help="Events in the big log.")
-    parser.add_argument(
-        "--chunk",
-        type=int,
-        default=50_000,
-        help="Events per fill transaction (after each, what autovacuum would do).",
-    )
     parser.add_argument("--rounds", type=int, default=3, help="Rounds (each log once a round).")
     parser.add_argument("--window", type=int, default=100_000, help="Seqs read per read run.")
     parser.add_argument("--page", type=int, default=1000, help="Entries per read_page.")
@@ -931,19 +946,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Rolled-back sequencer calls per log and writer count, the logs alternating.",
     )
     parser.add_argument(
-        "--rare-every", type=int, default=10_000, help="One event in N has the rare topic."
-    )
-    parser.add_argument(
         "--daemon", action=argparse.BooleanOptionalAction, default=True, help="Measure the daemon."
     )
-    parser.add_argument(
-        "--reuse",
-        action="store_true",
-        help="Use the scratch databases as they are if they hold enough events (no refill).",
-    )
-    parser.add_argument(
-        "--keep", action="store_true", help="Leave the scratch databases (to investigate)."
-    )
+    add_fill_options(parser)
     add_server_options(parser, "herald_bench_scale")
     args = parser.parse_args(argv)
     if (
