@@ -207,7 +207,7 @@ def room_rows(rooms: Sequence[RoomRow]) -> list[list[str]]:
             f"`{r.topic}`",
             f"{r.smallest}–{r.largest}",
             f"{needed(r.smallest)} B",
-            f"{r.pages:,} of {r.of:,} ({r.pages / max(r.of, 1):.0%})",
+            f"{r.pages:,} of {r.of:,} ({r.pages / max(r.of, 1):.1%})",
         ]
         for r in rooms
     ]
@@ -220,7 +220,7 @@ def append_rows(runs: Sequence[Appends]) -> list[list[str]]:
             f"{a.rows:,}",
             f"{a.seconds:.1f}",
             f"{a.pages:,}",
-            f"{a.on_old:,} ({a.on_old / max(a.rows, 1):.0%})",
+            f"{a.on_old:,} ({a.on_old / max(a.rows, 1):.1%})",
             f"{a.old_pages:,}",
         ]
         for a in runs
