@@ -131,7 +131,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy.engine import URL, make_url
 
 import herald
-from bench.common import filesystem_of
+from bench.common import filesystem_of, run_script, write_section
 from herald.config import create_engine
 from herald.outbox import LogReader, append, head, sync_catalogue
 from herald.schema import SEQUENCER_LOCK_KEY, migrate
@@ -1868,25 +1868,6 @@ def sqlite_markdown(report: Report) -> list[str]:
     ]
 
 
-PREAMBLE: Final = """# herald benchmarks
-
-Each benchmark has its own section below, written by its script between its
-markers (rerunning a script rewrites its section and nothing else). Figures
-are from one machine and one run each; compare them with care.
-"""
-
-
-def write_markdown(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else PREAMBLE
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin != -1 and end > begin:
-        rest = text[end + len(END_MARK) :].lstrip("\n")
-        text = text[:begin] + section + ("\n" + rest if rest else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 def print_report(report: Report) -> None:
     print()
     print("B1 — append throughput (tx = UPDATE bench_builds + one event)")
@@ -2164,9 +2145,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     report.elapsed = time.monotonic() - began
     print_report(report)
     if args.write:
-        write_markdown(args.output, markdown(report))
+        write_section(args.output, "bench.append_throughput", markdown(report))
         log(f"\nwrote {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -53,7 +53,7 @@ from bench.append_throughput import (
     describe_machine,
     git_revision,
 )
-from bench.common import add_server_options, markers, write_section
+from bench.common import add_server_options, markers, run_script, write_section
 from herald.config import create_engine
 from herald.domain import Evaluation
 from herald.outbox import UnitOfWork, sync_catalogue
@@ -469,4 +469,4 @@ def check(found: Captured, specs: Sequence[NewBuild]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -101,7 +101,6 @@ from sqlalchemy.engine import make_url
 
 from bench.append_throughput import (
     DEFAULT_URL,
-    PREAMBLE,
     REPO,
     URL_SETTING,
     Channel,
@@ -114,6 +113,7 @@ from bench.append_throughput import (
     source_digest,
     text_table,
 )
+from bench.common import run_script, write_section
 from bench.plot import SAMPLES, machine_facts, write_samples
 from bench.unit_of_work import filesystem_of, host_machine, scratch_postgresql, scratch_sqlite
 from herald.config import create_engine
@@ -1684,18 +1684,6 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Replace this script's section of ``path`` (or append it); keep everything else."""
-    text = path.read_text(encoding="utf-8") if path.exists() else PREAMBLE
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin != -1 and end > begin:
-        rest = text[end + len(END_MARK) :].lstrip("\n")
-        text = text[:begin] + section + ("\n" + rest if rest else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 def _plain(rows: list[list[str]]) -> list[list[str]]:
     return [[cell.replace("**", "") for cell in row] for row in rows]
 
@@ -2010,9 +1998,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if latencies or sqlite_latencies:
         log(f"\nwrote {write_samples(args.samples, 'b5.json', samples_record(report))}")
     if args.write:
-        write_markdown(args.output, markdown(report))
+        write_section(args.output, "bench.consumers", markdown(report))
         log(f"\nwrote {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -45,7 +45,7 @@ from bench.append_throughput import (
     md_table,
     text_table,
 )
-from bench.common import add_server_options, markers, write_section
+from bench.common import add_server_options, markers, run_script, write_section
 from bench.scale import (
     FILL_CHUNK,
     FIRST_BUILD,
@@ -332,4 +332,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

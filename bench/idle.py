@@ -50,7 +50,7 @@ from bench.append_throughput import (
     drop_scratch,
     git_revision,
 )
-from bench.common import add_server_options, markers, write_section
+from bench.common import add_server_options, markers, run_script, write_section
 from herald.config import create_engine
 from herald.outbox import NewEvent, append_many
 
@@ -255,4 +255,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

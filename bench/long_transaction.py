@@ -50,7 +50,7 @@ from bench.append_throughput import (
     herald_daemon,
     percentile,
 )
-from bench.common import add_server_options, markers, write_section
+from bench.common import add_server_options, markers, run_script, write_section
 from bench.plot import SAMPLES, machine_facts, write_samples
 from herald.config import create_engine
 from herald.outbox import LogReader, NewEvent, append_many
@@ -308,4 +308,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

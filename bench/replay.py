@@ -37,7 +37,7 @@ from bench.append_throughput import (
     drop_scratch,
     git_revision,
 )
-from bench.common import add_server_options, markers, write_section
+from bench.common import add_server_options, markers, run_script, write_section
 from herald.config import create_engine
 from herald.consumers import Consumer, tune_garbage_collector
 from herald.consumers.replay import replay
@@ -120,7 +120,7 @@ def markdown(machine: Machine, runs: list[Run], fill_seconds: float, count: int)
     verdict = "meets" if scaled <= 20 else "misses"
     return f"""{BEGIN_MARK}
 
-## B4 — replay of 1,000,000 events (issue #6)
+## B4 — replay of {count:,} events (issue #6)
 
 Date: {datetime.now(UTC):%Y-%m-%d}. Script: `bench/replay.py`. {git_revision()}.
 
@@ -175,4 +175,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -100,7 +100,7 @@ from bench.append_throughput import (
     md_table,
     text_table,
 )
-from bench.common import add_server_options, markers, write_section
+from bench.common import add_server_options, markers, run_script, write_section
 from herald.config import create_engine
 from herald.consumers import Consumer, Daemon, wait_for
 from herald.consumers import store as consumer_store
@@ -1018,4 +1018,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

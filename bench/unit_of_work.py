@@ -67,7 +67,6 @@ from sqlalchemy.engine import URL, make_url
 
 from bench.append_throughput import (
     DEFAULT_URL,
-    PREAMBLE,
     REPO,
     URL_SETTING,
     Channel,
@@ -80,6 +79,7 @@ from bench.append_throughput import (
     source_digest,
     text_table,
 )
+from bench.common import run_script, write_section
 from herald.config import create_engine
 from herald.domain import Build
 from herald.outbox import UnitOfWork, append, sync_catalogue
@@ -1070,18 +1070,6 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, section: str) -> None:
-    """Replace this script's section of ``path`` (or append it); keep everything else."""
-    text = path.read_text(encoding="utf-8") if path.exists() else PREAMBLE
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin != -1 and end > begin:
-        rest = text[end + len(END_MARK) :].lstrip("\n")
-        text = text[:begin] + section + ("\n" + rest if rest else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 def print_report(report: Report) -> None:
     print()
     print("Unit of work (issue #3) — saving a build finish: raw append vs the unit of work")
@@ -1224,9 +1212,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     report.elapsed = time.monotonic() - began
     print_report(report)
     if args.write:
-        write_markdown(args.output, markdown(report))
+        write_section(args.output, "bench.unit_of_work", markdown(report))
         log(f"\nwrote {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
