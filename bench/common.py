@@ -1,5 +1,6 @@
 """What the benchmark scripts share: their report section in BENCHMARKS.md, the
-scratch-database options, and the file system a scratch file is on."""
+scratch-database options, the file system a scratch file is on, and the way a
+failed connection to the server ends a script (one line, exit status 1)."""
 
 from __future__ import annotations
 
