@@ -30,8 +30,10 @@ then measures what can be measured on both logs side by side:
   log (an old offset), with no topic filter, with ``build_finished`` (one
   event in nine) and with the rare topic; the rate is seqs of log gone
   through per second. Each window is read ``--read-trials`` times on each
-  log, the logs alternating (mirrored), and the round's figure is the median
-  of a log's reads (the first read's rate is in the notes);
+  log, and more until each log's reads of it add up to ``--read-seconds``
+  (a rare topic's window takes 30 ms, every topic's 2 s), the logs
+  alternating (mirrored); the round's figure is the median of a log's reads
+  (the first read's rate is in the notes);
 * **daemon** (in the turn): a :class:`herald.consumers.Daemon` (as ``herald run`` runs it) with a
   consumer whose handler does nothing, ``topics=["*"]``, at_least_once, its offset
   set ``--window`` seqs before the head and at the start of the log; timed
@@ -48,7 +50,8 @@ then measures what can be measured on both logs side by side:
 * **ordering** (side by side, after the reads):
   the writers append to each log with no sequencer as above, leaving a
   backlog in each; then ``--ordering-trials`` calls of
-  ``herald_sequence_v1()`` (what a sequencer cycle runs) order each backlog,
+  ``herald_sequence_v1()`` (what a sequencer cycle runs), and more until each
+  log's calls add up to ``--ordering-seconds``, order each backlog,
   each call rolled back, the logs alternating (mirrored); the rate is the
   backlog's events over the median call (events/s). Then a sequencer orders
   the backlogs for real (it must order as many as every call did).
@@ -77,7 +80,7 @@ import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -485,9 +488,30 @@ class Run:
         return self.seqs / self.seconds
 
 
+#: No more sweeps than this over both logs, however short a read or a call is.
+MAX_TRIALS: Final = 41
+
+
+def _trials(least: int, seconds: float, spent: dict[str, float]) -> Iterator[int]:
+    """Sweep numbers over both logs: ``least`` of them, then more until each log's
+    measurements add up to ``seconds`` (``spent``, by log, kept by the caller; at
+    most :data:`MAX_TRIALS`).
+
+    A window read in 30 ms, or a sequencer call of 50 ms, is one sample of a
+    noisy machine; a 2 s read is many. Measuring each for about the same time
+    gives the short ones as many chances as the long ones to see both logs
+    alike.
+    """
+    trial = 0
+    while trial < MAX_TRIALS and (trial < least or min(spent.values()) < seconds):
+        yield trial
+        trial += 1
+
+
 def measure_reads(order: Sequence[Log], figures: Figures, args: argparse.Namespace) -> None:
-    """Every read on both logs side by side, ``--read-trials`` times each, the logs
-    alternating (mirrored); a round's figure is the median of a log's reads.
+    """Every read on both logs side by side, ``--read-trials`` times each and more
+    until a log's add up to ``--read-seconds``, the logs alternating (mirrored); a
+    round's figure is the median of a log's reads.
 
     A read changes nothing, so both logs can be read in the same moments: a
     window of 100,000 seqs takes 30 ms to 2 s to read, and one read a turn
@@ -502,7 +526,8 @@ def measure_reads(order: Sequence[Log], figures: Figures, args: argparse.Namespa
     for where, afters in starts.items():
         for label, topics in FILTERS.items():
             runs: dict[str, list[Run]] = {scale.label: [] for scale in order}
-            for trial in range(args.read_trials):
+            spent = dict.fromkeys(runs, 0.0)
+            for trial in _trials(args.read_trials, args.read_seconds, spent):
                 for scale in order if trial % 2 == 0 else reversed(order):
                     run = read_window(
                         scale.engine,
@@ -512,6 +537,7 @@ def measure_reads(order: Sequence[Log], figures: Figures, args: argparse.Namespa
                         TopicFilter(topics),
                     )
                     runs[scale.label].append(run)
+                    spent[scale.label] += run.seconds
             for scale in order:
                 found = runs[scale.label]
                 figures.add(
@@ -519,8 +545,8 @@ def measure_reads(order: Sequence[Log], figures: Figures, args: argparse.Namespa
                     scale,
                     _median([run.rate for run in found]),
                     "seqs/s",
-                    f"{found[0].entries:,} entries in {found[0].pages} pages; the first read "
-                    f"{found[0].rate:,.0f} seqs/s",
+                    f"{found[0].entries:,} entries in {found[0].pages} pages; {len(found)} reads, "
+                    f"the first {found[0].rate:,.0f} seqs/s",
                 )
 
 
@@ -626,10 +652,11 @@ def measure_ordering(
     For each writer count, the writers append to each log with no sequencer
     (``--seconds``, as in the append turn), leaving a backlog in both. Then
     ``--ordering-trials`` calls of ``herald_sequence_v1()`` (what a cycle
-    runs), each rolled back, so each orders the same backlog again, the logs
-    alternating (mirrored: small big big small ...): a drift of the machine
-    during the round falls on both logs alike, where one cycle a turn measured
-    whichever log's turn ran while the machine was slow. A round's figure is
+    runs), and more until a log's add up to ``--ordering-seconds``, each
+    rolled back, so each orders the same backlog again, the logs alternating
+    (mirrored: small big big small ...): a drift of the machine during the
+    round falls on both logs alike, where one cycle a turn measured whichever
+    log's turn ran while the machine was slow. A round's figure is
     the median of a log's trials. Then one sequencer orders the backlogs for real,
     and what autovacuum would do next is done (the rolled-back trials leave
     dead rows in the log's order).
@@ -643,9 +670,12 @@ def measure_ordering(
         # statements planned once, on the first call, in both logs alike.
         with ExitStack() as stack:
             sessions = {s.label: stack.enter_context(psycopg.connect(s.dsn)) for s in order}
-            for trial in range(args.ordering_trials):
+            spent = dict.fromkeys(trials, 0.0)
+            for trial in _trials(args.ordering_trials, args.ordering_seconds, spent):
                 for scale in order if trial % 2 == 0 else reversed(order):
-                    trials[scale.label].append(_ordering_trial(sessions[scale.label]))
+                    trial_result = _ordering_trial(sessions[scale.label])
+                    trials[scale.label].append(trial_result)
+                    spent[scale.label] += trial_result[1]
         for scale in order:
             found = trials[scale.label]
             sizes = {count for count, _ in found}
@@ -661,7 +691,8 @@ def measure_ordering(
                 scale,
                 ordered / _median(seconds),
                 "events/s",
-                f"{ordered:,} events in {1000 * min(seconds):.0f}–{1000 * max(seconds):.0f} ms",
+                f"{ordered:,} events in {1000 * min(seconds):.0f}–{1000 * max(seconds):.0f} ms "
+                f"({len(seconds)} calls)",
             )
     for scale in order:
         scale.maintenance += autovacuum(scale.dsn)
@@ -799,8 +830,9 @@ the start: {m.other_sessions}; load average (1 min) {m.load[0]:.2f} at the start
 
 **Reproduce.** `make bench`, or `.venv/bin/python -m bench.scale --small {args.small}
 --big {args.big} --rounds {args.rounds} --window {args.window} --seconds {args.seconds:g}
---writers {writers}` (`--chunk`, `--page`, `--warmup`, `--read-trials`, `--ordering-trials`,
-`--rare-every`, `--no-daemon`, `--admin`, `--database`, `--help`).
+--writers {writers}` (`--chunk`, `--page`, `--warmup`, `--read-trials`, `--read-seconds`,
+`--ordering-trials`, `--ordering-seconds`, `--rare-every`, `--no-daemon`, `--admin`,
+`--database`, `--help`).
 
 **The logs.** Filled by `INSERT ... SELECT generate_series`, {args.chunk:,} events a
 transaction, each ordered, and after each what autovacuum would have done by then
@@ -827,10 +859,12 @@ side by side:
   start of the log, with no topic filter (what `LogReader` sends), with `build_finished` (one
   event in nine of the fill) and with the rare topic (a filtered page spans at most 10,000
   seqs); seqs of log gone through per second. Each window is read {args.read_trials} times on
-  each log, the logs alternating (small big big small ...), and a round's figure is the
+  each log, and more until a log's reads of it add up to {args.read_seconds:g} s (at most
+  {MAX_TRIALS}), the logs alternating (small big big small ...), and a round's figure is the
   median of a log's reads: a window takes 30 ms to 2 s to read, and a read a turn measured
-  whichever log's turn the machine was slow in. The first read of each (the newest rows read
-  cold) is in the notes below the table;
+  whichever log's turn the machine was slow in; a short read is one sample of a noisy
+  machine, and is repeated until it has had about as much time as a long one. The first read
+  of each (the newest rows read cold) and the count of reads are in the notes below the table;
 - *daemon* (in each log's turn): `herald.consumers.Daemon` with one no-op consumer
   (`topics=["*"]`, at_least_once, batch 500, a delivery record per event) from an offset
   {args.window:,} before the head and from the start, until `wait_for` sees the
@@ -843,7 +877,8 @@ side by side:
 - *sequencer ordering*: after both logs' turns of a round, the same writers append to each
   log for {args.seconds:g} s with no sequencer, leaving a backlog in both; then
   {args.ordering_trials} calls of `herald_sequence_v1()` (what a sequencer cycle runs, on one
-  session a log) order each backlog, each call rolled back, the logs alternating (small big
+  session a log), and more until a log's calls add up to {args.ordering_seconds:g} s (at most
+  {MAX_TRIALS}), order each backlog, each call rolled back, the logs alternating (small big
   big small ...), so that a drift of the machine falls on both logs alike (one cycle a turn
   measured whichever log's turn the machine was slow in); the first call of each reads the
   backlog's rows cold, the others warm. A round's rate is the backlog's events over the
@@ -946,6 +981,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Rolled-back sequencer calls per log and writer count, the logs alternating.",
     )
     parser.add_argument(
+        "--read-seconds",
+        type=float,
+        default=0.5,
+        help="More reads of a window, past --read-trials, until each log's add up to this.",
+    )
+    parser.add_argument(
+        "--ordering-seconds",
+        type=float,
+        default=0.5,
+        help="More sequencer calls, past --ordering-trials, until each log's add up to this.",
+    )
+    parser.add_argument(
         "--daemon", action=argparse.BooleanOptionalAction, default=True, help="Measure the daemon."
     )
     add_fill_options(parser)
@@ -961,6 +1008,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     if args.window > args.small:
         parser.error("--window must not be larger than --small")
+    if min(args.read_seconds, args.ordering_seconds) < 0:
+        parser.error("--read-seconds and --ordering-seconds must not be negative")
     if args.seconds <= 0 or args.warmup < 0 or min(args.writers) < 1:
         parser.error("--seconds must be positive, --warmup not negative, --writers at least 1")
     args.writers = sorted(set(args.writers))

@@ -99,10 +99,11 @@ SCRIPTS: dict[str, tuple[list[str], list[str], list[str]]] = {
             "--admin", "{admin}", "--database", "{database}", "--small", "2000", "--big", "6000",
             "--rounds", "1", "--window", "500", "--page", "100", "--writers", "1",
             "--seconds", "0.3", "--warmup", "0.1", "--read-trials", "1",
-            "--ordering-trials", "1", "--chunk", "1000",
+            "--ordering-trials", "1", "--read-seconds", "0.05", "--ordering-seconds", "0.05",
+            "--chunk", "1000",
         ],
         ["## B7 — append and read rates with 6,000 events in the log"],
-        ["Result: **", "Where the newest window lies at the end"],
+        ["Result: **", "Where the newest window lies at the end", " reads, the first "],
     ),
     "free_space": (
         [
