@@ -131,7 +131,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy.engine import URL, make_url
 
 import herald
-from bench.common import filesystem_of, run_script, write_section
+from bench.common import filesystem_of, markers, run_script, write_section
 from herald.config import create_engine
 from herald.outbox import LogReader, append, head, sync_catalogue
 from herald.schema import SEQUENCER_LOCK_KEY, migrate
@@ -142,8 +142,7 @@ URL_SETTING: Final = "HERALD_BENCH_DATABASE_URL"
 REPO: Final = Path(__file__).resolve().parent.parent
 #: the herald package this run measures (normally REPO / "herald")
 HERALD_DIR: Final = Path(herald.__file__).resolve().parent
-BEGIN_MARK: Final = "<!-- bench.append_throughput: begin (generated; rerun to refresh) -->"
-END_MARK: Final = "<!-- bench.append_throughput: end -->"
+BEGIN_MARK, END_MARK = markers("bench.append_throughput")
 TARGET_RATIO: Final = 0.8
 #: herald (psycopg) / eventsourcing at the largest writer count, at least
 ES_TARGET_RATIO: Final = 3.0

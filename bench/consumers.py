@@ -113,17 +113,16 @@ from bench.append_throughput import (
     source_digest,
     text_table,
 )
-from bench.common import run_script, write_section
+from bench.common import filesystem_of, markers, run_script, write_section
 from bench.plot import SAMPLES, machine_facts, write_samples
-from bench.unit_of_work import filesystem_of, host_machine, scratch_postgresql, scratch_sqlite
+from bench.unit_of_work import host_machine, scratch_postgresql, scratch_sqlite
 from herald.config import create_engine
 from herald.consumers import Consumer, Daemon, tune_garbage_collector, wait_for
 from herald.outbox import LogEntry, NewEvent, Sequencer, TopicFilter, append, append_many, head
 from herald.outbox import read_page as herald_read_page
 from herald.schema import NOTIFY_CHANNEL
 
-BEGIN_MARK: Final = "<!-- bench.consumers: begin (generated; rerun to refresh) -->"
-END_MARK: Final = "<!-- bench.consumers: end -->"
+BEGIN_MARK, END_MARK = markers("bench.consumers")
 TITLE: Final = "## B3 — the consumer daemon: throughput and commit → handler latency (issue #4)"
 BACKEND_LABELS: Final = {"postgresql": "PostgreSQL", "sqlite": "SQLite"}
 TOPIC: Final = "build_finished"

@@ -79,15 +79,14 @@ from bench.append_throughput import (
     source_digest,
     text_table,
 )
-from bench.common import run_script, write_section
+from bench.common import filesystem_of, markers, run_script, write_section
 from herald.config import create_engine
 from herald.domain import Build
 from herald.outbox import UnitOfWork, append, sync_catalogue
 from herald.outbox.farm import finish_build
 from herald.schema import migrate
 
-BEGIN_MARK: Final = "<!-- bench.unit_of_work: begin (generated; rerun to refresh) -->"
-END_MARK: Final = "<!-- bench.unit_of_work: end -->"
+BEGIN_MARK, END_MARK = markers("bench.unit_of_work")
 TITLE: Final = "## Unit of work: saving a build finish (issue #3)"
 
 APPEND: Final = "append"
@@ -629,24 +628,6 @@ def scratch_sqlite(directory: Path | None) -> Iterator[str]:
         url = f"sqlite:///{Path(where) / 'herald-bench.db'}"
         migrated(url)
         yield url
-
-
-def filesystem_of(path: Path) -> str:
-    """The type of the file system ``path`` is on (``ext4``, ``tmpfs``), from /proc/mounts."""
-    best, kind = "", "unknown"
-    resolved = str(path.resolve())
-    try:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            if len(parts) < 3:
-                continue
-            mount = parts[1]
-            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
-            if inside and len(mount) > len(best):
-                best, kind = mount, parts[2]
-    except OSError:
-        pass
-    return kind
 
 
 def host_machine() -> Machine:
