@@ -117,7 +117,7 @@ from bench.common import filesystem_of, markers, run_script, write_section
 from bench.plot import SAMPLES, machine_facts, write_samples
 from bench.unit_of_work import host_machine, scratch_postgresql, scratch_sqlite
 from herald.config import create_engine
-from herald.consumers import Consumer, Daemon, tune_garbage_collector, wait_for
+from herald.consumers import Consumer, Daemon, tune_interpreter, wait_for
 from herald.outbox import LogEntry, NewEvent, Sequencer, TopicFilter, append, append_many, head
 from herald.outbox import read_page as herald_read_page
 from herald.schema import NOTIFY_CHANNEL
@@ -1622,8 +1622,9 @@ def markdown(report: Report) -> str:
         "while the next is delivered. Its start-up (claiming the consumer) is included. The "
         "daemon's cells give the passes' pooled events/s (events over seconds, all rounds), "
         "then each pass's in run order, in parentheses; the best batch size is in bold. "
-        "The benchmark's process runs with `herald run`'s collector settings "
-        "(`herald.consumers.tune_garbage_collector()`). The raw read runs before the first "
+        "The benchmark's process runs with `herald run`'s interpreter settings "
+        "(`herald.consumers.tune_interpreter()`: the cycle collector's thresholds, a thread "
+        "switch interval of 1 ms). The raw read runs before the first "
         "pass and after the last; the ratios use the faster."
     )
     verdict = throughput_verdict(report)
@@ -1930,7 +1931,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The daemon logs its start and stop at INFO; warnings and errors are worth seeing.
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     # The daemons below run as `herald run` runs its own.
-    tune_garbage_collector()
+    tune_interpreter()
 
     def log(line: str) -> None:
         print(line, flush=True)

@@ -39,7 +39,7 @@ from bench.append_throughput import (
 )
 from bench.common import add_server_options, markers, run_script, write_section
 from herald.config import create_engine
-from herald.consumers import Consumer, tune_garbage_collector
+from herald.consumers import Consumer, tune_interpreter
 from herald.consumers.replay import replay
 
 BEGIN_MARK, END_MARK = markers("bench.replay")
@@ -94,8 +94,8 @@ def raw_read(dsn: str, count: int, batch: int) -> Run:
 
 
 def herald_replay(url: str, count: int, batch: int) -> Run:
-    # As `herald replay` runs it (with the daemon's collector settings).
-    tune_garbage_collector()
+    # As `herald replay` runs it (with the daemon's interpreter settings).
+    tune_interpreter()
     engine = create_engine(url)
     try:
         consumer = Consumer(

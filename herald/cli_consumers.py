@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from herald.cli_common import State, pass_state, stop_on_signals
-from herald.consumers import Daemon, load_config, tune_garbage_collector
+from herald.consumers import Daemon, load_config, tune_interpreter
 from herald.consumers.config import CONFIG_SETTING, Config
 from herald.consumers.model import validate_name
 from herald.consumers.store import (
@@ -124,7 +124,7 @@ def run_command(
         )
         log.info("started (pid %d); %s; consumers%s: %s", os.getpid(), sequencing, where, names)
         stop = threading.Event()
-        tune_garbage_collector()
+        tune_interpreter()
         with stop_on_signals(stop):
             daemon.run(stop)
         if metrics is not None:

@@ -38,7 +38,7 @@ from herald.cli_common import (
     until_seq,
 )
 from herald.cli_consumers import CONFIG_OPTION, consumers_running
-from herald.consumers import load_config, tune_garbage_collector
+from herald.consumers import load_config, tune_interpreter
 from herald.consumers.model import validate_name
 from herald.consumers.replay import replay
 from herald.consumers.store import consumer_row, consumer_rows, ensure_consumer, reset_offset
@@ -284,7 +284,7 @@ def replay_command(
             disable=not sys.stderr.isatty(),
         )
         # A replay of millions of events is a long run too: as `herald run`.
-        tune_garbage_collector()
+        tune_interpreter()
         with progress, stop_on_signals(stop):
             task = progress.add_task("replay", total=last - first + 1)
             result = replay(

@@ -16,7 +16,7 @@ Imports :mod:`herald.outbox` and :mod:`herald.schema` only.
 
 from herald.consumers.api import Subscriptions, wait_for
 from herald.consumers.config import Config, load_config
-from herald.consumers.daemon import Daemon, tune_garbage_collector
+from herald.consumers.daemon import Daemon, tune_garbage_collector, tune_interpreter
 from herald.consumers.model import Consumer, Delivered, DeliveryFailed, HandlerContext
 
 __all__ = [
@@ -29,5 +29,6 @@ __all__ = [
     "Subscriptions",
     "load_config",
     "tune_garbage_collector",
+    "tune_interpreter",
     "wait_for",
 ]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from herald.consumers import tune_garbage_collector
+from herald.consumers import tune_garbage_collector, tune_interpreter
 
 
 @pytest.fixture
@@ -28,3 +29,19 @@ def test_the_collector_is_tuned_and_still_collects_cycles() -> None:
     ring.append(ring)
     del ring
     assert gc.collect() >= 1, "a cycle made afterwards was not collected"
+
+
+@pytest.fixture
+def switch_interval() -> Iterator[None]:
+    """Gives the test process its thread switch interval back afterwards."""
+    before = sys.getswitchinterval()
+    yield
+    sys.setswitchinterval(before)
+
+
+@pytest.mark.usefixtures("collector", "switch_interval")
+def test_the_interpreter_switches_threads_every_millisecond() -> None:
+    sys.setswitchinterval(0.005)
+    tune_interpreter()
+    assert sys.getswitchinterval() == pytest.approx(0.001)
+    assert gc.get_threshold() == (10_000, 50, 100), "the collector was left as it was"
