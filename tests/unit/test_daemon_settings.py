@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import gc
 import sys
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from herald.consumers import tune_garbage_collector, tune_interpreter
+from herald.cli import cli
+from herald.consumers import Daemon, tune_garbage_collector, tune_interpreter
+from tests.conftest import migrate_url
 
 
 @pytest.fixture
@@ -45,3 +50,26 @@ def test_the_interpreter_switches_threads_every_millisecond() -> None:
     tune_interpreter()
     assert sys.getswitchinterval() == pytest.approx(0.001)
     assert gc.get_threshold() == (10_000, 50, 100), "the collector was left as it was"
+
+
+@pytest.mark.usefixtures("collector", "switch_interval")
+def test_herald_run_tunes_the_interpreter_before_the_daemon_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'herald.db'}"
+    migrate_url(url)
+    monkeypatch.chdir(tmp_path)  # no ./herald.toml: no consumers
+    monkeypatch.delenv("HERALD_CONFIG", raising=False)
+    sys.setswitchinterval(0.005)
+    seen: list[tuple[float, tuple[int, ...]]] = []
+
+    def run(self: Daemon, stop: threading.Event) -> None:
+        seen.append((sys.getswitchinterval(), gc.get_threshold()))
+
+    monkeypatch.setattr(Daemon, "run", run)
+    result = CliRunner().invoke(cli, ["--database-url", url, "run"])
+    assert result.exit_code == 0, result.output
+    assert len(seen) == 1, "the daemon did not run once"
+    interval, threshold = seen[0]
+    assert interval == pytest.approx(0.001)
+    assert threshold == (10_000, 50, 100)
