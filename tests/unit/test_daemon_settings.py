@@ -12,7 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from herald.cli import cli
+from herald.config import create_engine
 from herald.consumers import Daemon, tune_garbage_collector, tune_interpreter
+from herald.outbox import append
 from tests.conftest import migrate_url
 
 
@@ -73,3 +75,43 @@ def test_herald_run_tunes_the_interpreter_before_the_daemon_runs(
     interval, threshold = seen[0]
     assert interval == pytest.approx(0.001)
     assert threshold == (10_000, 50, 100)
+
+
+#: what `note_interval` saw: the switch interval and collector thresholds at each call
+REPLAYED: list[tuple[float, tuple[int, ...]]] = []
+
+
+def note_interval(entry: object) -> None:
+    """A `type = "python"` handler: notes the settings the replay runs it under."""
+    REPLAYED.append((sys.getswitchinterval(), gc.get_threshold()))
+
+
+@pytest.mark.usefixtures("collector", "switch_interval")
+def test_herald_replay_tunes_the_interpreter_before_it_delivers(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'herald.db'}"
+    migrate_url(url)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for build_id in (1, 2):
+                append(conn, "build_finished", {"build_id": build_id, "dependent_ids": []})
+    finally:
+        engine.dispose()
+    config = tmp_path / "herald.toml"
+    config.write_text(
+        '[consumers.settings]\ntype = "python"\ntopics = ["build_finished"]\n'
+        f'handler = "{__name__}:note_interval"\n',
+        encoding="utf-8",
+    )
+    REPLAYED.clear()
+    sys.setswitchinterval(0.005)
+    result = CliRunner().invoke(
+        cli,
+        ["--database-url", url, "replay", "settings", "--from", "1", "--config", str(config)],
+    )
+    assert result.exit_code == 0, result.output
+    seen = list(REPLAYED)
+    assert len(seen) == 2, f"the handler ran {len(seen)} times, not once per event"
+    for interval, threshold in seen:
+        assert interval == pytest.approx(0.001)
+        assert threshold == (10_000, 50, 100)
