@@ -7,6 +7,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -54,6 +55,10 @@ def test_the_interpreter_switches_threads_every_millisecond() -> None:
     assert gc.get_threshold() == (10_000, 50, 100), "the collector was left as it was"
 
 
+#: what tune_interpreter() leaves: (switch interval, collector thresholds)
+TUNED: tuple[Any, ...] = (pytest.approx(0.001), (10_000, 50, 100))
+
+
 @pytest.mark.usefixtures("collector", "switch_interval")
 def test_herald_run_tunes_the_interpreter_before_the_daemon_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -71,10 +76,7 @@ def test_herald_run_tunes_the_interpreter_before_the_daemon_runs(
     monkeypatch.setattr(Daemon, "run", run)
     result = CliRunner().invoke(cli, ["--database-url", url, "run"])
     assert result.exit_code == 0, result.output
-    assert len(seen) == 1, "the daemon did not run once"
-    interval, threshold = seen[0]
-    assert interval == pytest.approx(0.001)
-    assert threshold == (10_000, 50, 100)
+    assert seen == [TUNED], "the daemon did not run once, under the tuned interpreter"
 
 
 #: what `note_interval` saw: the switch interval and collector thresholds at each call
@@ -110,8 +112,4 @@ def test_herald_replay_tunes_the_interpreter_before_it_delivers(tmp_path: Path) 
         ["--database-url", url, "replay", "settings", "--from", "1", "--config", str(config)],
     )
     assert result.exit_code == 0, result.output
-    seen = list(REPLAYED)
-    assert len(seen) == 2, f"the handler ran {len(seen)} times, not once per event"
-    for interval, threshold in seen:
-        assert interval == pytest.approx(0.001)
-        assert threshold == (10_000, 50, 100)
+    assert REPLAYED == [TUNED, TUNED], "not one call per event, under the tuned interpreter"
