@@ -47,16 +47,15 @@ def switch_interval() -> Iterator[None]:
     sys.setswitchinterval(before)
 
 
+#: what tune_interpreter() leaves: (switch interval, collector thresholds)
+TUNED: tuple[Any, ...] = (pytest.approx(0.001), (10_000, 50, 100))
+
+
 @pytest.mark.usefixtures("collector", "switch_interval")
 def test_the_interpreter_switches_threads_every_millisecond() -> None:
     sys.setswitchinterval(0.005)
     tune_interpreter()
-    assert sys.getswitchinterval() == pytest.approx(0.001)
-    assert gc.get_threshold() == (10_000, 50, 100), "the collector was left as it was"
-
-
-#: what tune_interpreter() leaves: (switch interval, collector thresholds)
-TUNED: tuple[Any, ...] = (pytest.approx(0.001), (10_000, 50, 100))
+    assert (sys.getswitchinterval(), gc.get_threshold()) == TUNED
 
 
 @pytest.mark.usefixtures("collector", "switch_interval")
